@@ -1,0 +1,36 @@
+"""Preallocated key/value cache for the text decoder: one row per sequence slot, never grown."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """`k`, `v`: [n_layers, max_batch, n_kv_heads, max_len, head_dim], allocated once.
+
+    Rows are slots (a generation engine maps requests to rows); each new key/value goes to the position its
+    `positions` entry names, so rows can be at different lengths and a slot can be reused by overwriting it.
+    """
+
+    def __init__(self, n_layers, max_batch, n_kv_heads, max_len, head_dim, dtype=torch.float32, device=None):
+        shape = (n_layers, max_batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def max_batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor):
+        """Write `k_new`, `v_new` [B, H_kv, T, Dh] at `positions` [B, T] of rows 0..B-1; return those rows' k, v
+        ([B, H_kv, max_len, Dh] views into the cache)."""
+        b, h, t, d = k_new.shape
+        k, v = self.k[layer, :b], self.v[layer, :b]
+        index = positions[:, None, :, None].expand(b, h, t, d)  # scatter along the sequence dim, no host sync
+        k.scatter_(2, index, k_new.to(k.dtype))
+        v.scatter_(2, index, v_new.to(v.dtype))
+        return k, v

@@ -1,0 +1,150 @@
+"""SmolLM2 (Llama) decoder: RMSNorm, rotate-half RoPE, grouped-query attention over an optional KV cache, SiLU MLP.
+
+Module and parameter names are the HF ones (`embed_tokens`, `layers.{i}.self_attn.q_proj`, ...), so the state dict
+is the released checkpoint format.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TextConfig
+from .kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # As the reference: normalize in fp32, cast back to the input dtype, *then* scale by the weight.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(theta: float, head_dim: int, device=None) -> torch.Tensor:
+    """[head_dim / 2] inverse frequencies, computed in fp32 exactly as the reference."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.theta, self.head_dim = config.rope_theta, config.head_dim
+        # Computed, never loaded (non-persistent, as in the reference); Model.from_pretrained recomputes it after
+        # building the module on the meta device.
+        self.register_buffer("inv_freq", rope_inv_freq(self.theta, self.head_dim), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.float()  # [B, T, Dh/2], fp32
+        emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, Dh]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, cache_positions):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, H_kv, T, Dh]
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, Dh]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.write(self.layer_idx, k, v, cache_positions)  # [B, H_kv, max_len, Dh]
+            k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]  # the S attended positions
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache, cache_positions):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_positions)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        pad = config.pad_token_id if config.pad_token_id is not None and config.pad_token_id < config.vocab_size else None
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=pad)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        cache_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-normed hidden states [B, T, D] for `inputs_embeds` [B, T, D] at RoPE positions `position_ids` [B, T].
+
+        attn_mask: bool, broadcastable to [B, 1, T, S], True = may attend. None without a cache: plain causal.
+        None with a cache: causal over cache positions (key j visible to a query written at position p iff j <= p).
+        cache, cache_positions [B, T]: write this step's keys/values into cache rows 0..B-1 at those positions and
+        attend to positions 0..S-1 of those rows.
+        """
+        dtype = inputs_embeds.dtype
+        if cache is not None:
+            if cache_positions is None:
+                raise ValueError("text_model: cache_positions [B, T] is required with a cache")
+            if attn_mask is None:
+                keys = torch.arange(cache.max_len, device=cache_positions.device)
+                attn_mask = keys <= cache_positions[:, None, :, None]  # [B, 1, T, max_len]
+        mask = None
+        if attn_mask is not None:
+            # Additive mask with the dtype's most negative value, as the reference's eager attention: a query with
+            # no visible key (a left-padding row) then attends uniformly instead of producing NaN.
+            mask = torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device)
+            mask.masked_fill_(~attn_mask, torch.finfo(dtype).min)
+        cos, sin = self.rotary_emb(position_ids, dtype)
+        h = inputs_embeds
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, cache, cache_positions)
+        return self.norm(h)
