@@ -2,4 +2,14 @@
 
 from .errors import CheckpointError, ConfigError, InputError, SmolVLMError
 
-__all__ = ["CheckpointError", "ConfigError", "InputError", "SmolVLMError"]
+__all__ = ["CheckpointError", "ConfigError", "InputError", "Model", "SmolVLMConfig", "SmolVLMError"]
+
+_LAZY = {"Model": "smolvlm.model", "SmolVLMConfig": "smolvlm.config"}  # imported on first use (torch is heavy)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'smolvlm' has no attribute {name!r}")

@@ -2,5 +2,6 @@
 
 from .kv_cache import KVCache
 from .text import TextModel
+from .vlm import Model
 
-__all__ = ["KVCache", "TextModel"]
+__all__ = ["KVCache", "Model", "TextModel"]

@@ -1,0 +1,111 @@
+"""SigLIP vision encoder with NaViT-style position ids (the Idefics3/SmolVLM variant).
+
+Frames arrive as one batch [N, 3, H, W] with a patch mask [N, H/P, W/P] (True = the patch holds image pixels).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import VisionConfig
+
+
+def patch_position_ids(patch_mask: torch.Tensor, n: int) -> torch.Tensor:
+    """[N, h*w] position ids into the n x n embedding table for patch masks [N, h, w].
+
+    The valid (top-left) region of each frame is stretched over the whole table by bucketizing fractional coordinates,
+    with the reference's float32 arithmetic so odd grids give the same ids. Padded patches get id 0.
+    """
+    b, h, w = patch_mask.shape
+    device = patch_mask.device
+    boundaries = torch.arange(1 / n, 1.0, 1 / n, device=device)
+    nb_h = patch_mask[:, :, 0].sum(dim=1)  # [N] valid rows
+    nb_w = patch_mask[:, 0, :].sum(dim=1)  # [N] valid columns
+    frac_h = torch.arange(h, device=device, dtype=torch.float32)[None, :] * (1.0 / nb_h)[:, None]
+    frac_w = torch.arange(w, device=device, dtype=torch.float32)[None, :] * (1.0 / nb_w)[:, None]
+    bucket_h = torch.bucketize(frac_h.clamp(max=1.0 - 1e-6), boundaries, right=True)  # [N, h]
+    bucket_w = torch.bucketize(frac_w.clamp(max=1.0 - 1e-6), boundaries, right=True)  # [N, w]
+    pos = (bucket_h[:, :, None] * n + bucket_w[:, None, :]).reshape(b, -1)
+    return torch.where(patch_mask.reshape(b, -1), pos, 0)
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.n = config.patches_per_side
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, config.hidden_size, config.patch_size, stride=config.patch_size, padding="valid"
+        )
+        self.position_embedding = nn.Embedding(self.n**2, config.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)  # [N, h*w, D], row-major patches
+        return x + self.position_embedding(patch_position_ids(patch_mask, self.n))
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.n_heads, self.head_dim = config.num_attention_heads, d // config.num_attention_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        b, L, _ = x.shape
+        q, k, v = (p(x).view(b, L, self.n_heads, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # bidirectional
+        return self.out_proj(out.transpose(1, 2).reshape(b, L, -1))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = VisionAttention(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = VisionMLP(config)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), mask)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.embeddings = VisionEmbeddings(config)
+        self.encoder = Encoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
+        """[N, h*w, D] final-normed patch states for frames [N, 3, H, W] with patch mask [N, h, w]."""
+        x = self.embeddings(pixel_values, patch_mask)
+        valid = patch_mask.reshape(patch_mask.shape[0], -1)  # [N, L]
+        mask = None
+        if not valid.all():  # as the reference: no mask at all unless some patch is padding; then mask padded keys
+            mask = torch.zeros(valid.shape, dtype=x.dtype, device=x.device).masked_fill_(~valid, torch.finfo(x.dtype).min)
+            mask = mask[:, None, None, :]  # [N, 1, 1, L]
+        return self.post_layernorm(self.encoder(x, mask))

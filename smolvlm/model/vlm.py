@@ -1,0 +1,154 @@
+"""`Model`: SigLIP vision encoder -> pixel-shuffle connector -> SmolLM2 decoder -> lm_head.
+
+The module tree is the HF one (`model.vision_model`, `model.connector`, `model.text_model`, `lm_head`), so
+`state_dict()` is the released checkpoint format and LoRA can target the usual projection names.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .. import hub
+from ..config import SmolVLMConfig
+from ..errors import InputError
+from ..weights import load_weights, resolve_dtype
+from .connector import Connector
+from .text import TextModel, rope_inv_freq
+from .vision import VisionTransformer
+
+
+class Backbone(nn.Module):
+    """The `model.` prefix of the checkpoint keys."""
+
+    def __init__(self, config: SmolVLMConfig):
+        super().__init__()
+        self.vision_model = VisionTransformer(config.vision_config)
+        self.connector = Connector(config.vision_config.hidden_size, config.text_config.hidden_size, config.scale_factor)
+        self.text_model = TextModel(config.text_config)
+
+
+class Model(nn.Module):
+    def __init__(self, config: SmolVLMConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.text_model.embed_tokens.weight
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        revision: str | None = None,
+    ) -> Model:
+        """Load a checkpoint folder or hub repo id. `dtype` defaults to the checkpoint's own (fp32 if it names none);
+        `device` to the CPU. Weights go one by one straight to `device` in `dtype`."""
+        folder = hub.resolve(path_or_repo_id, revision=revision)
+        config = SmolVLMConfig.from_pretrained(folder)
+        dtype = resolve_dtype(dtype, config.dtype)
+        device = torch.device(device or "cpu")
+        with torch.device("meta"):
+            model = cls(config)
+        tied = frozenset({"lm_head.weight"} if config.tie_word_embeddings else ())
+        load_weights(model, folder, dtype, device, skip=tied)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.text_model.embed_tokens.weight
+        rotary = model.model.text_model.rotary_emb
+        rotary.inv_freq = rope_inv_freq(rotary.theta, rotary.head_dim).to(device)  # computed, not loaded
+        return model.eval()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def get_image_features(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[n_real_frames * image_seq_len, D_t] features for `pixel_values` [B, I, 3, H, W].
+
+        All-zero frames are batch padding and are dropped (SmolVLM2 keeps frame 0 when no frame is real, as its
+        reference does); `pixel_attention_mask` [B, I, H, W] marks the image pixels of each frame (None: all).
+        The frames of all images are encoded as one batch.
+        """
+        if pixel_values.dim() != 5:
+            raise InputError(f"pixel_values must be [batch, images, 3, height, width]; got shape {list(pixel_values.shape)}")
+        b, i, c, h, w = pixel_values.shape
+        p, s = self.config.vision_config.patch_size, self.config.scale_factor
+        if h // p != w // p or (h // p) % s:
+            raise InputError(
+                f"pixel_values frames are {h}x{w}: they must be square with a patch grid divisible by scale_factor {s} "
+                f"(the processor makes {self.config.vision_config.image_size}x{self.config.vision_config.image_size})"
+            )
+        if pixel_attention_mask is not None and tuple(pixel_attention_mask.shape) != (b, i, h, w):
+            raise InputError(
+                f"pixel_attention_mask has shape {list(pixel_attention_mask.shape)}; expected {[b, i, h, w]} to match pixel_values"
+            )
+        frames = pixel_values.to(self.dtype).reshape(b * i, c, h, w)
+        real = (frames != 0).flatten(1).any(dim=1)  # [B*I]; padding frames are exactly all-zero
+        if self.config.model_type == "smolvlm":
+            real[0] |= ~real.any()
+        frames = frames[real]
+        n = frames.shape[0]
+        if pixel_attention_mask is None:
+            pixel_mask = torch.ones((n, h, w), dtype=torch.bool, device=frames.device)
+        else:
+            pixel_mask = pixel_attention_mask.reshape(b * i, h, w)[real]
+        # A patch is valid when any of its pixels is (a trailing remainder smaller than a patch is dropped).
+        hp, wp = h // p, w // p
+        patch_mask = pixel_mask[:, : hp * p, : wp * p].reshape(n, hp, p, wp, p).sum(dim=(2, 4)) > 0  # [n, hp, wp]
+        states = self.model.vision_model(frames, patch_mask)  # [n, hp*wp, D_v]
+        features = self.model.connector(states)  # [n, N, D_t]
+        return features.reshape(-1, features.shape[-1])
+
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T, D_t] token embeddings with `image_features` rows scattered, in order, into the `<image>` positions."""
+        embeds = self.model.text_model.embed_tokens(input_ids)
+        if image_features is None:
+            return embeds
+        is_image = input_ids == self.config.image_token_id
+        n_tokens, n_features = int(is_image.sum()), image_features.shape[0]
+        if n_tokens != n_features:
+            raise InputError(
+                f"The text has {n_tokens} image tokens but the images give {n_features} image features "
+                f"({n_features // self.config.image_seq_len} frames x {self.config.image_seq_len}); they must be equal. "
+                "Build the prompt with the processor, and don't truncate it."
+            )
+        return embeds.masked_scatter(is_image[..., None], image_features.to(embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, V], with every argument meaning what it does in the reference forward.
+
+        attention_mask [B, T] (1 = token, 0 = padding) is combined with the causal mask; position_ids default to
+        arange(T) even with padding (pass cumsum(attention_mask) - 1 for left-padded rows, as generation does).
+        """
+        if input_ids.dim() != 2:
+            raise InputError(f"input_ids must be [batch, tokens]; got shape {list(input_ids.shape)}")
+        b, t = input_ids.shape
+        features = None if pixel_values is None else self.get_image_features(pixel_values, pixel_attention_mask)
+        embeds = self.embed(input_ids, features)
+        if position_ids is None:
+            position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise InputError(
+                    f"attention_mask has shape {list(attention_mask.shape)}; expected {list(input_ids.shape)} like input_ids"
+                )
+            causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
+            mask = causal & attention_mask.bool()[:, None, None, :]  # [B, 1, T, T]
+        return self.lm_head(self.model.text_model(embeds, position_ids, mask))

@@ -1,0 +1,122 @@
+"""Read safetensors checkpoints (one file or shards + index) straight into a module built on the meta device.
+
+Every tensor is read on its own, converted to the target dtype on the target device, and assigned in place of the
+meta parameter, so loading never holds a second full copy of the weights. Key names are checked against the module
+up front, and every missing, unexpected or mis-shaped key is reported in one error.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from .errors import CheckpointError, InputError
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, checkpoint_dtype: str | None = None) -> torch.dtype:
+    """torch dtype for a user's `dtype` (name or torch.dtype); None or "auto" means the checkpoint's own (fp32 if unset)."""
+    if dtype is None or dtype == "auto":
+        dtype = checkpoint_dtype or "float32"
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and ALIASES.get(dtype, dtype) in DTYPES:
+        return DTYPES[ALIASES.get(dtype, dtype)]
+    raise InputError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder: model.safetensors, or the shards its index names."""
+    folder = Path(folder)
+    if (folder / SINGLE).is_file():
+        return [folder / SINGLE]
+    index = folder / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index (expected a 'weight_map' object): {e!r}") from e
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names weight files that are not in {folder}: {', '.join(missing)}")
+        return [folder / n for n in names]
+    other = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.safetensors"))
+    found = f" (found only {', '.join(other)}; only {SINGLE} or sharded safetensors with {INDEX} are read)" if other else ""
+    raise CheckpointError(f"No weights in {folder}: expected {SINGLE} or {INDEX}{found}")
+
+
+def read_shapes(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """key -> (file, shape) from the files' headers, without reading any tensor data."""
+    found = {}
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    found[key] = (path, tuple(f.get_slice(key).get_shape()))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+    return found
+
+
+def check_keys(module: nn.Module, found: dict, folder: Path, skip: frozenset[str] = frozenset()) -> None:
+    """Raise one CheckpointError listing every missing, unexpected and mis-shaped key."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items() if k not in skip}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected) - skip)
+    wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k][1])
+    if not (missing or unexpected or wrong):
+        return
+    lines = [f"The weights in {folder} don't match the model its config.json describes:"]
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing))
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(f"{k} (in {found[k][0].name})" for k in unexpected))
+    for k in wrong:
+        lines.append(f"  wrong shape: {k} is {list(found[k][1])} in {found[k][0].name}, the config needs {list(expected[k])}")
+    raise CheckpointError("\n".join(lines))
+
+
+def load_weights(
+    module: nn.Module,
+    folder: str | Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    skip: frozenset[str] = frozenset(),
+) -> None:
+    """Fill `module`'s parameters (built on the meta device) from the checkpoint in `folder`.
+
+    Keys in `skip` are neither required nor loaded (e.g. a tied lm_head.weight).
+    """
+    folder = Path(folder)
+    files = weight_files(folder)
+    found = read_shapes(files)
+    check_keys(module, found, folder, skip)
+    for path in files:
+        try:
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    if key in skip:
+                        continue
+                    tensor = f.get_tensor(key)
+                    _assign(module, key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+                    del tensor
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: can't read its tensors (truncated or corrupt?): {e}") from e
+
+
+def _assign(root: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    owner, _, name = key.rpartition(".")
+    module = root.get_submodule(owner)
+    if name in module._parameters:
+        setattr(module, name, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
+    else:
+        setattr(module, name, tensor)  # a persistent buffer
