@@ -27,8 +27,8 @@ def patch_position_ids(patch_mask: torch.Tensor, n: int) -> torch.Tensor:
     frac_w = torch.arange(w, device=device, dtype=torch.float32)[None, :] * (1.0 / nb_w)[:, None]
     bucket_h = torch.bucketize(frac_h.clamp(max=1.0 - 1e-6), boundaries, right=True)  # [N, h]
     bucket_w = torch.bucketize(frac_w.clamp(max=1.0 - 1e-6), boundaries, right=True)  # [N, w]
-    pos = (bucket_h[:, :, None] * n + bucket_w[:, None, :]).reshape(b, -1)
-    return torch.where(patch_mask.reshape(b, -1), pos, 0)
+    pos = (bucket_h[:, :, None] * n + bucket_w[:, None, :]).reshape(b, h * w)
+    return torch.where(patch_mask.reshape(b, h * w), pos, 0)
 
 
 class VisionEmbeddings(nn.Module):
@@ -103,7 +103,7 @@ class VisionTransformer(nn.Module):
     def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
         """[N, h*w, D] final-normed patch states for frames [N, 3, H, W] with patch mask [N, h, w]."""
         x = self.embeddings(pixel_values, patch_mask)
-        valid = patch_mask.reshape(patch_mask.shape[0], -1)  # [N, L]
+        valid = patch_mask.flatten(1)  # [N, L]
         mask = None
         if not valid.all():  # as the reference: no mask at all unless some patch is padding; then mask padded keys
             mask = torch.zeros(valid.shape, dtype=x.dtype, device=x.device).masked_fill_(~valid, torch.finfo(x.dtype).min)

@@ -97,6 +97,8 @@ class Model(nn.Module):
             real[0] |= ~real.any()
         frames = frames[real]
         n = frames.shape[0]
+        if n == 0:  # Idefics3 keeps no frame when all are padding
+            return frames.new_zeros(0, self.config.text_config.hidden_size)
         if pixel_attention_mask is None:
             pixel_mask = torch.ones((n, h, w), dtype=torch.bool, device=frames.device)
         else:
