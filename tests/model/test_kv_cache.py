@@ -1,0 +1,35 @@
+import torch
+
+from smolvlm.model import KVCache
+
+
+def test_preallocated_shape_and_dtype():
+    cache = KVCache(3, 4, 2, 16, 8, dtype=torch.bfloat16, device="cpu")
+    assert cache.k.shape == cache.v.shape == (3, 4, 2, 16, 8)
+    assert cache.k.dtype == torch.bfloat16 and cache.max_batch == 4 and cache.max_len == 16
+
+
+def test_write_places_each_row_at_its_positions_and_returns_views():
+    cache = KVCache(2, 3, 2, 10, 4)
+    k_ptr, v_ptr = cache.k.data_ptr(), cache.v.data_ptr()
+    k_new = torch.randn(2, 2, 3, 4)
+    v_new = torch.randn(2, 2, 3, 4)
+    positions = torch.tensor([[4, 5, 6], [0, 1, 2]])  # rows at different lengths
+    k, v = cache.write(1, k_new, v_new, positions)
+    assert k.shape == v.shape == (2, 2, 10, 4)
+    torch.testing.assert_close(k[0, :, 4:7], k_new[0], rtol=0, atol=0)
+    torch.testing.assert_close(v[1, :, 0:3], v_new[1], rtol=0, atol=0)
+    assert k[0, :, :4].abs().sum() == 0 and k[0, :, 7:].abs().sum() == 0  # nothing else written
+    assert cache.k[0].abs().sum() == 0 and cache.k[1, 2].abs().sum() == 0  # other layer, rows >= B untouched
+    # Views into the cache, which is never reallocated.
+    k[0, 0, 9, 0] = 7.0
+    assert cache.k[1, 0, 0, 9, 0] == 7.0
+    assert (cache.k.data_ptr(), cache.v.data_ptr()) == (k_ptr, v_ptr)
+
+
+def test_write_converts_to_cache_dtype():
+    cache = KVCache(1, 1, 1, 4, 2, dtype=torch.bfloat16)
+    k_new = torch.tensor([[[[1.0009765625, 2.0]]]])
+    k, _ = cache.write(0, k_new, k_new, torch.tensor([[3]]))
+    assert k.dtype == torch.bfloat16
+    assert torch.equal(k[0, 0, 3], k_new[0, 0, 0].to(torch.bfloat16))
