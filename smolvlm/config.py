@@ -42,7 +42,8 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
-    """SmolLM2 (Llama) decoder. Defaults are LlamaConfig's, except rms_norm_eps which SmolVLMConfig sets to 1e-5."""
+    """SmolLM2 (Llama) decoder. Defaults are LlamaConfig's (the reference uses 1e-5 for rms_norm_eps only when the
+    file has no text_config at all, see SmolVLMConfig.from_dict; every released checkpoint sets it to 1e-5)."""
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -53,7 +54,7 @@ class TextConfig:
     head_dim: int | None = None  # None: hidden_size // num_attention_heads
     hidden_act: str = "silu"
     max_position_embeddings: int = 2048
-    rms_norm_eps: float = 1e-5
+    rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     pad_token_id: int | None = None  # the embedding's padding_idx (no effect on the forward pass)
     attention_bias: bool = False
@@ -104,6 +105,8 @@ class SmolVLMConfig:
                 "(SmolVLM v1 checkpoints say 'idefics3', SmolVLM2 ones 'smolvlm')"
             )
         text = _sub_dict(d, "text_config", source)
+        if d.get("text_config") is None:  # as SmolVLMConfig/Idefics3Config: a default text config gets eps 1e-5
+            text = {"rms_norm_eps": 1e-5}
         if text.get("model_type", "llama") != "llama":
             raise ConfigError(f"{source}: field 'text_config.model_type' is {text['model_type']!r}; expected 'llama'")
         top = _fields(cls, d, source, "", skip=("model_type", "vision_config", "text_config", "dtype"))
