@@ -19,10 +19,11 @@ from .image_processor import ImageProcessor
 from .images import load_image
 from .prompt import ImageTokens, expand_images
 from .tokenizer import TokenizerSettings, encode, load_tokenizer, read_json
+from .video import VIDEO_CHAT_TEMPLATE, VIDEO_TOKEN, VideoSampling, expand_videos
 
 FAMILIES = {"Idefics3Processor": "idefics3", "SmolVLMProcessor": "smolvlm"}  # processor_class -> model_type
 CALL_KWARGS = ("padding", "truncation", "max_length", "padding_side", "return_tensors", "do_image_splitting", "size",
-               "max_image_size", "do_resize")
+               "max_image_size", "do_resize", "fps", "max_frames")
 
 
 class Processor:
@@ -35,7 +36,7 @@ class Processor:
 
     def __init__(self, tokenizer: Tokenizer, settings: TokenizerSettings, image_processor: ImageProcessor,
                  image_seq_len: int, family: str = "smolvlm", chat_template: str | dict | None = None,
-                 image_tokens: ImageTokens = ImageTokens()):
+                 image_tokens: ImageTokens = ImageTokens(), video_sampling: VideoSampling = VideoSampling()):
         self.tokenizer = tokenizer
         self.settings = settings
         self.image_processor = image_processor
@@ -43,6 +44,7 @@ class Processor:
         self.family = family
         self.chat_template = chat_template
         self.image_tokens = image_tokens
+        self.video_sampling = video_sampling  # fps, max_frames and frame size for videos (processing/video.py)
         self.image_token_id = tokenizer.token_to_id(image_tokens.image)
         if self.image_token_id is None:
             raise ConfigError(f"tokenizer.json has no token {image_tokens.image!r} (the image placeholder)")
@@ -70,27 +72,31 @@ class Processor:
             image_tokens = ImageTokens(**{f: settings.config[k] for f, k in names.items()
                                           if isinstance(settings.config.get(k), str)})
         return cls(tokenizer, settings, ImageProcessor.from_dict(preprocessor, str(folder / "preprocessor_config.json")),
-                   seq_len, family, _chat_template(folder, settings.config), image_tokens)
+                   seq_len, family, _chat_template(folder, settings.config), image_tokens,
+                   VideoSampling.from_dict(preprocessor.get("video_sampling"), str(folder / "preprocessor_config.json")))
 
     # -- prompts and images -> model inputs --
 
     def __call__(self, text: str | list[str] | None = None, images=None, *, padding: bool | str = False,
                  truncation: bool | str | None = None, max_length: int | None = None, padding_side: str | None = None,
                  return_tensors: str = "pt", do_image_splitting: bool | None = None, size: dict | None = None,
-                 max_image_size: dict | None = None, do_resize: bool | None = None) -> dict[str, torch.Tensor]:
+                 max_image_size: dict | None = None, do_resize: bool | None = None, videos=None,
+                 fps: float | None = None, max_frames: int | None = None) -> dict[str, torch.Tensor]:
         """Model inputs for one prompt or a batch.
 
         `images`: one image, a flat list (the images of one prompt; for v1 checkpoints with several prompts, split
         over them by their `<image>` counts), or one list per prompt (empty for text-only rows). An image is any
         source `load_image` takes. Each prompt must hold one `<image>` per image. `padding_side` defaults to the
         tokenizer's ("right"); batched generation wants "left". The image settings override the checkpoint's for
-        this call.
+        this call. `videos` (SmolVLM2 only): each `<video>` in the text is expanded; `fps` and `max_frames`
+        override the checkpoint's video sampling (see processing/video.py, docs/video.md).
         """
         if return_tensors != "pt":
             raise InputError(f"return_tensors = {return_tensors!r}: only 'pt' (torch tensors) is supported")
         texts = _texts(text)
         batch = self._layout(images, texts)
-        self._check_counts(texts, batch)
+        if videos is None or texts is not None:  # (videos alone have no text to check)
+            self._check_counts(texts, batch)
         out = {}
         if batch is not None:
             images_rgb = [[_load(source, b, j) for j, source in enumerate(sample)] for b, sample in enumerate(batch)]
@@ -99,6 +105,10 @@ class Processor:
             out = {"pixel_values": pixels.pixel_values, "pixel_attention_mask": pixels.pixel_attention_mask}
             if texts is not None:
                 texts = expand_images(texts, pixels.rows, pixels.cols, self.image_seq_len, self.image_tokens)
+        if videos is not None or any(VIDEO_TOKEN in t for t in texts or ()):
+            if batch is not None:  # the reference's video pixel_values would overwrite the images'
+                raise InputError("Pass images or videos in one call, not both")
+            texts, out = expand_videos(self, texts, videos, fps, max_frames)
         if texts is None:
             return out
         input_ids, attention_mask = encode(self.tokenizer, self.settings, texts, padding, truncation, max_length,
@@ -150,6 +160,10 @@ class Processor:
                 raise InputError(f"Found {in_text} {token} tokens per prompt but no images were passed")
             return
         in_images = [len(sample) for sample in batch]
+        if sum(in_text) != sum(in_images):
+            per_prompt = f" ({in_images} per prompt)" if len(in_images) == len(in_text) else ""
+            raise InputError(f"The prompts hold {sum(in_text)} {token} tokens ({in_text} per prompt) but "
+                             f"{sum(in_images)} images were passed{per_prompt}: each image needs one {token}")
         if in_text != in_images:
             hint = ""
             if len(in_images) != len(in_text):
@@ -174,16 +188,17 @@ class Processor:
         """
         call_kwargs = {k: kwargs.pop(k) for k in CALL_KWARGS if k in kwargs}
         conversations, batched = normalize_conversations(messages)
+        images, videos = collect_media(conversations)
+        if chat_template is None and any(videos):  # the checkpoints' templates have no video branch
+            chat_template = VIDEO_CHAT_TEMPLATE
         template = self._template(chat_template)
         prompts = render(template, conversations, add_generation_prompt, **{**self.settings.special_tokens, **kwargs})
         if not tokenize:
             if call_kwargs:
                 raise InputError(f"{sorted(call_kwargs)} only apply with tokenize=True")
             return prompts if batched else prompts[0]
-        images, videos = collect_media(conversations)
-        if any(videos):  # the seam for video support (processing/video.py)
-            raise InputError("Video content is not supported by this processor yet")
-        return self(text=prompts, images=images if any(images) else None, **call_kwargs)
+        return self(text=prompts, images=images if any(images) else None, videos=videos if any(videos) else None,
+                    **call_kwargs)
 
     def _template(self, chat_template: str | None) -> str:
         templates = self.chat_template
