@@ -24,7 +24,11 @@ from num2words import num2words
 from PIL import Image
 
 from ..errors import ConfigError, InputError
+from .images import load_image
+from .prompt import image_block
 from .video_decode import VideoMetadata, read_video, video_name
+
+VIDEO_TOKEN = "<video>"  # the placeholder a prompt holds for each video (plain text to the tokenizer)
 
 SKIP_SECS = 1  # seconds skipped at both ends of long videos (the reference's default, never changed by its processor)
 
@@ -183,3 +187,79 @@ def video_prompt(video: Video, num_frames: int, image_block: str) -> str:
     for t in video.timestamps:
         text += f"\nFrame from {int(t // 60):02d}:{int(t % 60):02d}:" + image_block
     return text + "\n\n"
+
+
+def expand_videos(processor, texts: list[str] | None, videos, fps: float | None = None,
+                  max_frames: int | None = None) -> tuple[list[str] | None, dict]:
+    """The `videos` part of `Processor.__call__`: (texts with each `<video>` expanded, pixel inputs).
+
+    `videos`: one video, a flat list (handed out to the prompts in order, as many as each has `<video>`s), or one
+    list per prompt; a video is anything `load_video` takes. Frames are processed like unsplit images resized to
+    `video_sampling.video_size` (see docs/video.md); a prompt's videos fill its row of `pixel_values` in order.
+    """
+    if processor.family != "smolvlm":
+        raise InputError("Videos need a SmolVLM2 checkpoint (model_type smolvlm); this one is SmolVLM v1 (idefics3)")
+    sampling = processor.video_sampling
+    fps = sampling.fps if fps is None else fps
+    max_frames = sampling.max_frames if max_frames is None else max_frames
+    if videos is None:
+        counts = [t.count(VIDEO_TOKEN) for t in texts]
+        raise InputError(f"Found {counts} {VIDEO_TOKEN} tokens per prompt but no videos were passed")
+    batch = _video_layout(videos, texts)
+    loaded = [[_load(source, b, j, fps, max_frames) for j, source in enumerate(sample)] for b, sample in enumerate(batch)]
+    frames = [[load_image(frame) for video in sample for frame in video.frames] for sample in loaded]
+    size = {"longest_edge": sampling.video_size} if sampling.video_size else None  # None: the image size
+    pixels = processor.image_processor.with_overrides(size=size, do_image_splitting=False)(frames)
+    out = {"pixel_values": pixels.pixel_values, "pixel_attention_mask": pixels.pixel_attention_mask}
+    if texts is None:
+        return None, out
+    # The reference announces the padded frame count of the call's video batch (its pixel_values.shape[1]).
+    announced = max(len(video.frames) for sample in loaded for video in sample)
+    block = image_block(processor.image_seq_len, processor.image_tokens)
+    expanded = []
+    for text, sample in zip(texts, loaded):
+        pieces = text.split(VIDEO_TOKEN)
+        expanded.append(pieces[0] + "".join(video_prompt(v, announced, block) + p for v, p in zip(sample, pieces[1:])))
+    return expanded, out
+
+
+def _is_video(x) -> bool:
+    return isinstance(x, (str, os.PathLike, bytes, bytearray, VideoFrames, Video))
+
+
+def _video_layout(videos, texts: list[str] | None) -> list[list]:
+    """Videos as one list per prompt, checked against the prompts' `<video>` counts."""
+    if _is_video(videos):
+        videos = [videos]
+    if not isinstance(videos, (list, tuple)) or not videos:
+        raise InputError(f"videos: expected a video, a list of videos or one list of videos per prompt, got "
+                         f"{type(videos).__name__}")
+    if all(isinstance(sample, (list, tuple)) for sample in videos):
+        batch = [list(sample) for sample in videos]
+    elif all(_is_video(v) for v in videos):
+        counts = [t.count(VIDEO_TOKEN) for t in texts] if texts is not None else [len(videos)]
+        if sum(counts) != len(videos):
+            raise InputError(f"The prompts hold {sum(counts)} {VIDEO_TOKEN} tokens ({counts} per prompt) but "
+                             f"{len(videos)} videos were passed")
+        starts = np.cumsum([0] + counts).tolist()
+        batch = [list(videos[a:b]) for a, b in zip(starts, starts[1:])]
+    else:
+        kinds = sorted({type(v).__name__ for v in videos if not _is_video(v)})
+        hint = " (frames you decoded yourself go in VideoFrames(frames, fps))" if "Image" in kinds or "ndarray" in kinds else ""
+        raise InputError(f"videos: a list holding {', '.join(kinds)}; expected paths, URLs, bytes, VideoFrames or one "
+                         f"list of those per prompt{hint}")
+    if texts is not None:
+        in_text, given = [t.count(VIDEO_TOKEN) for t in texts], [len(sample) for sample in batch]
+        if in_text != given:
+            raise InputError(f"Each prompt needs one {VIDEO_TOKEN} per video: found {in_text} {VIDEO_TOKEN} tokens and "
+                             f"{given} videos per prompt")
+    if not any(batch):
+        raise InputError("videos: no videos given")
+    return batch
+
+
+def _load(source, sample: int, index: int, fps: float, max_frames: int) -> Video:
+    try:
+        return load_video(source, fps, max_frames)
+    except InputError as e:
+        raise InputError(f"Sample {sample}, video {index}: {e}") from e
