@@ -71,22 +71,32 @@ def _block(block, where: str) -> dict:
         if not isinstance(url, str):
             raise InputError(f"{where}: an image_url block needs {{'image_url': {{'url': ...}}}}")
         return {"type": "image", "url": url}
-    if block["type"] == "image" and not any(k in block for k in IMAGE_KEYS):
-        raise InputError(f"{where}: an image block needs one of the keys {', '.join(IMAGE_KEYS)}")
-    if block["type"] == "video" and not any(k in block for k in VIDEO_KEYS):
-        raise InputError(f"{where}: a video block needs one of the keys {', '.join(VIDEO_KEYS)}")
     if block["type"] == "text" and not isinstance(block.get("text"), str):
         raise InputError(f"{where}: a text block needs a string 'text'")
     return block
 
 
+def has_video(conversations: list[list[dict]]) -> bool:
+    return any(block["type"] == "video" for messages in conversations for m in messages for block in m.get("content", ()))
+
+
 def collect_media(conversations: list[list[dict]]) -> tuple[list[list], list[list]]:
     """(images, videos): the sources of the image and video blocks of each conversation, in order."""
     images, videos = [], []
-    for messages in conversations:
-        blocks = [b for m in messages for b in m.get("content", ())]
-        images.append([next(b[k] for k in IMAGE_KEYS if k in b) for b in blocks if b["type"] == "image"])
-        videos.append([next(b[k] for k in VIDEO_KEYS if k in b) for b in blocks if b["type"] == "video"])
+    for c, messages in enumerate(conversations):
+        found = {"image": [], "video": []}
+        for i, message in enumerate(messages):
+            for j, block in enumerate(message.get("content", ())):
+                keys = {"image": IMAGE_KEYS, "video": VIDEO_KEYS}.get(block["type"])
+                if keys is None:
+                    continue
+                source = next((block[k] for k in keys if k in block), None)
+                if source is None:
+                    where = (f"conversation {c}, " if len(conversations) > 1 else "") + f"message {i}, item {j}"
+                    raise InputError(f"{where}: an {block['type']} block needs one of the keys {', '.join(keys)}")
+                found[block["type"]].append(source)
+        images.append(found["image"])
+        videos.append(found["video"])
     return images, videos
 
 

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 
 from ..errors import ConfigError, InputError
 from ..hub import resolve
-from .chat import collect_media, normalize_conversations, render
+from .chat import collect_media, has_video, normalize_conversations, render
 from .image_processor import ImageProcessor
 from .images import load_image
 from .prompt import ImageTokens, expand_images
@@ -188,8 +188,7 @@ class Processor:
         """
         call_kwargs = {k: kwargs.pop(k) for k in CALL_KWARGS if k in kwargs}
         conversations, batched = normalize_conversations(messages)
-        images, videos = collect_media(conversations)
-        if chat_template is None and any(videos):  # the checkpoints' templates have no video branch
+        if chat_template is None and has_video(conversations):  # the checkpoints' templates have no video branch
             chat_template = VIDEO_CHAT_TEMPLATE
         template = self._template(chat_template)
         prompts = render(template, conversations, add_generation_prompt, **{**self.settings.special_tokens, **kwargs})
@@ -197,6 +196,7 @@ class Processor:
             if call_kwargs:
                 raise InputError(f"{sorted(call_kwargs)} only apply with tokenize=True")
             return prompts if batched else prompts[0]
+        images, videos = collect_media(conversations)
         return self(text=prompts, images=images if any(images) else None, videos=videos if any(videos) else None,
                     **call_kwargs)
 

@@ -30,3 +30,39 @@ def processors():
 def pair(processors, family):
     """(ours, reference) for the current family."""
     return processors[family]
+
+
+@pytest.fixture
+def image_server():
+    """A local HTTP server: `serve({"/path": bytes})` adds routes and returns the base URL; other paths are 404."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    routes = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = routes.get(self.path)
+            if body is None:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+
+    def serve(new_routes: dict) -> str:
+        routes.update(new_routes)
+        return f"http://127.0.0.1:{server.server_port}"
+
+    yield serve
+    server.shutdown()
+    server.server_close()
+    thread.join()
