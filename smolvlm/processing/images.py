@@ -114,7 +114,7 @@ def array_to_rgb(array) -> np.ndarray:
 def _to_uint8(array: np.ndarray, name: str) -> np.ndarray:
     if array.dtype == np.uint8:
         return array
-    if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating) or array.dtype == bool):
         raise InputError(f"Can't use the image {name}: unsupported dtype {array.dtype}")
     if not np.isfinite(array).all():
         raise InputError(f"Can't use the image {name}: it holds NaN or infinite values")
@@ -140,7 +140,9 @@ def _read(source, timeout: float, max_bytes: int) -> bytes | str:
     path = os.path.expanduser(text)
     if os.path.isfile(path):
         return path
-    if isinstance(source, os.PathLike) or os.path.exists(path):
+    if os.path.exists(path):
+        raise InputError(f"Can't read the image {describe(source)}: not a file")
+    if isinstance(source, os.PathLike):
         raise InputError(f"Can't read the image {describe(source)}: no such file")
     if text.startswith("data:"):
         header, comma, payload = text.partition(",")

@@ -34,8 +34,10 @@ def pair(processors, family):
 
 @pytest.fixture
 def image_server():
-    """A local HTTP server: `serve({"/path": bytes})` adds routes and returns the base URL; other paths are 404."""
+    """A local HTTP server: `serve({"/path": bytes})` adds routes and returns the base URL; other paths are 404.
+    A number instead of bytes: the server waits that many seconds before answering (to test timeouts)."""
     import threading
+    import time
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     routes = {}
@@ -43,6 +45,9 @@ def image_server():
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
             body = routes.get(self.path)
+            if isinstance(body, (int, float)):
+                time.sleep(body)
+                body = b""
             if body is None:
                 self.send_error(404)
                 return
@@ -55,6 +60,7 @@ def image_server():
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
 
