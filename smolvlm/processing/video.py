@@ -30,6 +30,8 @@ from .video_decode import VideoMetadata, read_video, video_name
 
 VIDEO_TOKEN = "<video>"  # the placeholder a prompt holds for each video (plain text to the tokenizer)
 
+FETCH_TIMEOUT_S = 30.0  # per network operation (connect, each read) when downloading a video URL
+MAX_VIDEO_BYTES = 1 << 30  # largest video we download (it is held in memory while decoding)
 SKIP_SECS = 1  # seconds skipped at both ends of long videos (the reference's default, never changed by its processor)
 
 # The checkpoints' chat template has no video branch; the reference uses this one (processing_smolvlm.py
@@ -156,14 +158,7 @@ def _fetch(source, name: str):
     if not isinstance(source, str):
         return source
     if source.startswith(("http://", "https://")):
-        import httpx
-
-        try:
-            response = httpx.get(source, follow_redirects=True, timeout=60)
-            response.raise_for_status()
-        except httpx.HTTPError as e:
-            raise InputError(f"Can't download the video {name}: {e}") from e
-        return response.content
+        return _download(source, name)
     if source.startswith("data:"):
         header, _, payload = source.partition(",")
         if not header.endswith(";base64"):
@@ -173,6 +168,22 @@ def _fetch(source, name: str):
         except binascii.Error as e:
             raise InputError(f"{name}: the data URL's base64 payload is invalid ({e})") from e
     return source
+
+
+def _download(url: str, name: str) -> bytes:
+    import httpx
+
+    data = bytearray()
+    try:
+        with httpx.stream("GET", url, follow_redirects=True, timeout=FETCH_TIMEOUT_S) as response:
+            response.raise_for_status()
+            for chunk in response.iter_bytes():
+                data += chunk
+                if len(data) > MAX_VIDEO_BYTES:
+                    raise InputError(f"The video {name} is larger than the {MAX_VIDEO_BYTES} bytes allowed")
+    except httpx.HTTPError as e:
+        raise InputError(f"Can't download the video {name}: {e}") from e
+    return bytes(data)
 
 
 def video_prompt(video: Video, num_frames: int, image_block: str) -> str:

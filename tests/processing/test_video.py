@@ -17,6 +17,7 @@ from tiny import V2_FILES, needs_shared
 from video_files import SPECS, make_video, synthetic_frame
 
 from smolvlm.errors import ConfigError, InputError
+from smolvlm.processing import video
 from smolvlm.processing.video import (
     Video,
     VideoFrames,
@@ -149,9 +150,12 @@ def test_sources_give_the_same_video(clip, http_server):
     assert load_video(expected) is expected  # already sampled
 
 
-def test_source_errors(http_server):
+def test_source_errors(http_server, monkeypatch):
     with pytest.raises(InputError, match=r"Can't download the video http://127.0.0.1:\d+/missing.mp4.*404"):
         load_video(f"{http_server}/missing.mp4")
+    monkeypatch.setattr(video, "MAX_VIDEO_BYTES", 1000)
+    with pytest.raises(InputError, match=r"The video http://.*/clip.mp4 is larger than the 1000 bytes allowed"):
+        load_video(f"{http_server}/clip.mp4")
     with pytest.raises(InputError, match="must be base64"):
         load_video("data:video/mp4,abc")
     with pytest.raises(InputError, match="base64 payload is invalid"):
