@@ -255,8 +255,10 @@ def _video_layout(videos, texts: list[str] | None) -> list[list]:
         starts = np.cumsum([0] + counts).tolist()
         batch = [list(videos[a:b]) for a, b in zip(starts, starts[1:])]
     else:
-        kinds = sorted({type(v).__name__ for v in videos if not _is_video(v)})
-        hint = " (frames you decoded yourself go in VideoFrames(frames, fps))" if "Image" in kinds or "ndarray" in kinds else ""
+        odd = [v for v in videos if not _is_video(v)]
+        kinds = sorted({type(v).__name__ for v in odd})
+        frames = any(isinstance(v, Image.Image) or hasattr(v, "shape") for v in odd)
+        hint = " (frames you decoded yourself go in VideoFrames(frames, fps))" if frames else ""
         raise InputError(f"videos: a list holding {', '.join(kinds)}; expected paths, URLs, bytes, VideoFrames or one "
                          f"list of those per prompt{hint}")
     if texts is not None:
