@@ -1,17 +1,21 @@
-"""Videos the tests make themselves: PyAV encodes synthetic frames (a colour that changes every frame, a moving
-square, a clock hand that turns), so every frame differs and a wrong frame number shows in the pixels.
+"""Videos the tests make themselves, and the reference's video pipeline to compare against.
 
-Sizes are tiny (tens of pixels) so a 70-second video encodes in a fraction of a second.
+PyAV encodes synthetic frames (a colour that changes every frame, a moving square, a clock hand that turns), so every
+frame differs and a wrong frame number shows in the pixels. Sizes are tiny (tens of pixels) so a 70-second video
+encodes in a fraction of a second.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
+from PIL import Image
 
 
 @dataclass(frozen=True)
@@ -79,3 +83,43 @@ def make_video(path: Path, spec: VideoSpec) -> Path:
 
 def make_videos(folder: Path, specs: dict[str, VideoSpec] = SPECS) -> dict[str, Path]:
     return {name: make_video(folder / name, spec) for name, spec in specs.items()}
+
+
+def reference_video_processor(folder: Path):
+    """transformers' SmolVLMProcessor with a SmolVLMVideoProcessor that decodes with PyAV and makes frame pixels
+    with the PIL image processor (splitting off, size = video_sampling.video_size)."""
+    from transformers import AutoTokenizer
+    from transformers.image_processing_utils import BatchFeature
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+    from transformers.models.smolvlm.processing_smolvlm import SmolVLMProcessor
+    from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
+    from transformers.video_utils import load_video as reference_load_video
+
+    preprocessor = json.loads((folder / "preprocessor_config.json").read_text())
+    video_size = dict(preprocessor["video_sampling"]["video_size"])  # before the video processor overwrites it
+    images = SmolVLMImageProcessorPil.from_pretrained(folder)
+
+    class PyAVPilVideoProcessor(SmolVLMVideoProcessor):
+        def fetch_videos(self, video_url_or_urls, sample_indices_fn=None):
+            if isinstance(video_url_or_urls, list):
+                return list(zip(*[self.fetch_videos(x, sample_indices_fn) for x in video_url_or_urls]))
+            return reference_load_video(video_url_or_urls, backend="pyav", sample_indices_fn=sample_indices_fn)
+
+        def convert_to_rgb(self, video):
+            return video  # decoded frames are RGB; the image processor converts PIL frames itself
+
+        def _preprocess(self, videos, return_tensors=None, **kwargs):
+            frames = [[Image.fromarray(f.permute(1, 2, 0).numpy()) for f in video] for video in videos]
+            out = images(frames, do_image_splitting=False, size=video_size, return_tensors=return_tensors)
+            return BatchFeature({k: out[k] for k in ("pixel_values", "pixel_attention_mask")},
+                                tensor_type=return_tensors)
+
+    class ReferenceProcessor(SmolVLMProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            return None  # the video processor subclass isn't registered with transformers' auto classes
+
+    template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
+    seq_len = json.loads((folder / "processor_config.json").read_text())["image_seq_len"]
+    return ReferenceProcessor(images, AutoTokenizer.from_pretrained(folder),
+                              PyAVPilVideoProcessor(**copy.deepcopy(preprocessor)), image_seq_len=seq_len,
+                              chat_template=template)

@@ -9,8 +9,6 @@ without splitting at the video size (the 4.50/4.51 path; its current torchvision
 
 from __future__ import annotations
 
-import copy
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ import torch
 from PIL import Image
 from processing_reference import assert_same_inputs
 from tiny import V1_FILES, V2_FILES, needs_shared
-from video_files import SPECS, make_videos, synthetic_frame
+from video_files import SPECS, make_videos, reference_video_processor, synthetic_frame
 
 from smolvlm.errors import InputError
 from smolvlm.processing import Processor
@@ -34,56 +32,16 @@ def videos(tmp_path_factory) -> dict[str, Path]:
     return make_videos(tmp_path_factory.mktemp("videos"), {n: SPECS[n] for n in NAMES})
 
 
-def reference_processor(folder: Path):
-    """transformers' SmolVLMProcessor with a SmolVLMVideoProcessor that decodes with PyAV and makes frame pixels
-    with the PIL image processor (splitting off, size = video_sampling.video_size)."""
-    from transformers import AutoTokenizer
-    from transformers.image_processing_utils import BatchFeature
-    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
-    from transformers.models.smolvlm.processing_smolvlm import SmolVLMProcessor
-    from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
-    from transformers.video_utils import load_video as reference_load_video
-
-    preprocessor = json.loads((folder / "preprocessor_config.json").read_text())
-    video_size = dict(preprocessor["video_sampling"]["video_size"])  # before the video processor overwrites it
-    images = SmolVLMImageProcessorPil.from_pretrained(folder)
-
-    class PyAVPilVideoProcessor(SmolVLMVideoProcessor):
-        def fetch_videos(self, video_url_or_urls, sample_indices_fn=None):
-            if isinstance(video_url_or_urls, list):
-                return list(zip(*[self.fetch_videos(x, sample_indices_fn) for x in video_url_or_urls]))
-            return reference_load_video(video_url_or_urls, backend="pyav", sample_indices_fn=sample_indices_fn)
-
-        def convert_to_rgb(self, video):
-            return video  # decoded frames are RGB; the image processor converts PIL frames itself
-
-        def _preprocess(self, videos, return_tensors=None, **kwargs):
-            frames = [[Image.fromarray(f.permute(1, 2, 0).numpy()) for f in video] for video in videos]
-            out = images(frames, do_image_splitting=False, size=video_size, return_tensors=return_tensors)
-            return BatchFeature({k: out[k] for k in ("pixel_values", "pixel_attention_mask")},
-                                tensor_type=return_tensors)
-
-    class ReferenceProcessor(SmolVLMProcessor):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            return None  # the video processor subclass isn't registered with transformers' auto classes
-
-    template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
-    seq_len = json.loads((folder / "processor_config.json").read_text())["image_seq_len"]
-    return ReferenceProcessor(images, AutoTokenizer.from_pretrained(folder),
-                              PyAVPilVideoProcessor(**copy.deepcopy(preprocessor)), image_seq_len=seq_len,
-                              chat_template=template)
-
-
 @pytest.fixture(scope="module")
 def tiny_pair(tiny_v2):
-    return Processor.from_pretrained(tiny_v2), reference_processor(tiny_v2)
+    return Processor.from_pretrained(tiny_v2), reference_video_processor(tiny_v2)
 
 
 @pytest.fixture(scope="module")
 def real_pair():
     if not V2_FILES.is_dir():
         pytest.skip(f"the real checkpoint files are not at {V2_FILES}")
-    return Processor.from_pretrained(V2_FILES), reference_processor(V2_FILES)
+    return Processor.from_pretrained(V2_FILES), reference_video_processor(V2_FILES)
 
 
 def conversation(video: dict, text: str = "Describe this video") -> list[dict]:
