@@ -2,9 +2,9 @@
 
 from .errors import CheckpointError, ConfigError, InputError, SmolVLMError
 
-__all__ = ["CheckpointError", "ConfigError", "InputError", "Model", "SmolVLMConfig", "SmolVLMError"]
+__all__ = ["CheckpointError", "ConfigError", "InputError", "Model", "Processor", "SmolVLMConfig", "SmolVLMError"]
 
-_LAZY = {"Model": "smolvlm.model", "SmolVLMConfig": "smolvlm.config"}  # imported on first use (torch is heavy)
+_LAZY = {"Model": "smolvlm.model", "Processor": "smolvlm.processing", "SmolVLMConfig": "smolvlm.config"}  # imported on first use (torch is heavy)
 
 
 def __getattr__(name):
