@@ -110,10 +110,12 @@ class SmolVLMConfig:
         if text.get("model_type", "llama") != "llama":
             raise ConfigError(f"{source}: field 'text_config.model_type' is {text['model_type']!r}; expected 'llama'")
         top = _fields(cls, d, source, "", skip=("model_type", "vision_config", "text_config", "dtype"))
+        vision = _fields(VisionConfig, _sub_dict(d, "vision_config", source), source, "vision_config.")
+        text_fields = _fields(TextConfig, text, source, "text_config.", skip=("rope_theta",))
         config = cls(
             model_type=model_type,
-            vision_config=VisionConfig(**_fields(VisionConfig, _sub_dict(d, "vision_config", source), source, "vision_config.")),
-            text_config=TextConfig(**_fields(TextConfig, text, source, "text_config.", skip=("rope_theta",)), rope_theta=_rope_theta(text, source)),
+            vision_config=VisionConfig(**vision),
+            text_config=TextConfig(**text_fields, rope_theta=_rope_theta(text, source)),
             dtype=_dtype(d, source),
             **top,
         )
@@ -127,36 +129,50 @@ class SmolVLMConfig:
         def fail(name: str, value: Any, why: str):
             raise ConfigError(f"{source}: field '{name}' = {value!r}: {why}")
 
+        def check_divides(name: str, divisor: int, what: str, total: int):
+            if total % divisor:
+                fail(name, divisor, f"{what} {total} is not divisible by it")
+
         for prefix, cfg in (("vision_config.", v), ("text_config.", t), ("", self)):
             for f in dataclasses.fields(cfg):
                 value = getattr(cfg, f.name)
                 if isinstance(value, int) and not isinstance(value, bool) and value <= 0 and f.name != "pad_token_id":
                     fail(prefix + f.name, value, "must be a positive integer")
-        if v.hidden_size % v.num_attention_heads:
-            fail("vision_config.num_attention_heads", v.num_attention_heads, f"vision_config.hidden_size {v.hidden_size} is not divisible by it")
+        check_divides(
+            "vision_config.num_attention_heads", v.num_attention_heads, "vision_config.hidden_size", v.hidden_size
+        )
+        # image_size need not be a multiple of patch_size: the 2.2B models use 384 / 14 (a 27x27 grid, 6 pixels unused).
         if v.image_size < v.patch_size:
             fail("vision_config.patch_size", v.patch_size, f"larger than vision_config.image_size {v.image_size}")
-        if v.patches_per_side % self.scale_factor:
+        n = v.patches_per_side
+        if n % self.scale_factor:
             fail(
                 "scale_factor",
                 self.scale_factor,
-                f"the {v.patches_per_side}x{v.patches_per_side} patch grid (image_size {v.image_size} // patch_size "
-                f"{v.patch_size}) is not divisible by it, so the pixel shuffle can't group patches",
+                f"the {n}x{n} patch grid (image_size {v.image_size} // patch_size {v.patch_size}) is not divisible "
+                "by it, so the pixel shuffle can't group patches",
             )
         if v.hidden_act != "gelu_pytorch_tanh":
             fail("vision_config.hidden_act", v.hidden_act, "only 'gelu_pytorch_tanh' is supported")
-        if t.hidden_size % t.num_attention_heads:
-            fail("text_config.num_attention_heads", t.num_attention_heads, f"text_config.hidden_size {t.hidden_size} is not divisible by it")
-        if t.num_attention_heads % t.num_key_value_heads:
-            fail("text_config.num_key_value_heads", t.num_key_value_heads, f"text_config.num_attention_heads {t.num_attention_heads} is not divisible by it")
+        check_divides(
+            "text_config.num_attention_heads", t.num_attention_heads, "text_config.hidden_size", t.hidden_size
+        )
+        check_divides(
+            "text_config.num_key_value_heads",
+            t.num_key_value_heads,
+            "text_config.num_attention_heads",
+            t.num_attention_heads,
+        )
         if t.head_dim % 2:
             fail("text_config.head_dim", t.head_dim, "must be even for rotary embeddings")
         if t.hidden_act != "silu":
             fail("text_config.hidden_act", t.hidden_act, "only 'silu' is supported")
-        if t.attention_bias or t.mlp_bias:
-            fail("text_config.attention_bias" if t.attention_bias else "text_config.mlp_bias", True, "biases in the decoder are not supported")
+        for name in ("attention_bias", "mlp_bias"):
+            if getattr(t, name):
+                fail(f"text_config.{name}", True, "biases in the decoder are not supported")
         if not 0 <= self.image_token_id < t.vocab_size:
-            fail("image_token_id", self.image_token_id, f"outside the vocabulary (text_config.vocab_size {t.vocab_size})")
+            why = f"outside the vocabulary (text_config.vocab_size {t.vocab_size})"
+            fail("image_token_id", self.image_token_id, why)
 
 
 def _sub_dict(d: dict, key: str, source: str) -> dict:

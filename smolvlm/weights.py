@@ -23,7 +23,7 @@ ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "f
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, checkpoint_dtype: str | None = None) -> torch.dtype:
-    """torch dtype for a user's `dtype` (name or torch.dtype); None or "auto" means the checkpoint's own (fp32 if unset)."""
+    """torch dtype for a user's `dtype` (name or torch.dtype); None or "auto": the checkpoint's own, else fp32."""
     if dtype is None or dtype == "auto":
         dtype = checkpoint_dtype or "float32"
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
@@ -44,14 +44,15 @@ def weight_files(folder: Path) -> list[Path]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             names = sorted(set(weight_map.values()))
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index (expected a 'weight_map' object): {e!r}") from e
+            why = f"not a valid safetensors index (expected a 'weight_map' object): {e!r}"
+            raise CheckpointError(f"{index}: {why}") from e
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
             raise CheckpointError(f"{index} names weight files that are not in {folder}: {', '.join(missing)}")
         return [folder / n for n in names]
     other = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.safetensors"))
-    found = f" (found only {', '.join(other)}; only {SINGLE} or sharded safetensors with {INDEX} are read)" if other else ""
-    raise CheckpointError(f"No weights in {folder}: expected {SINGLE} or {INDEX}{found}")
+    found = f" (found only {', '.join(other)}; only {SINGLE} or sharded safetensors with {INDEX} are read)"
+    raise CheckpointError(f"No weights in {folder}: expected {SINGLE} or {INDEX}{found if other else ''}")
 
 
 def read_shapes(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
@@ -79,9 +80,11 @@ def check_keys(module: nn.Module, found: dict, folder: Path, skip: frozenset[str
     if missing:
         lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing))
     if unexpected:
-        lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(f"{k} (in {found[k][0].name})" for k in unexpected))
+        listed = ", ".join(f"{k} (in {found[k][0].name})" for k in unexpected)
+        lines.append(f"  unexpected keys ({len(unexpected)}): {listed}")
     for k in wrong:
-        lines.append(f"  wrong shape: {k} is {list(found[k][1])} in {found[k][0].name}, the config needs {list(expected[k])}")
+        file, shape = found[k]
+        lines.append(f"  wrong shape: {k} is {list(shape)} in {file.name}, the config needs {list(expected[k])}")
     raise CheckpointError("\n".join(lines))
 
 

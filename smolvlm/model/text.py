@@ -46,6 +46,12 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where `allowed`, else the dtype's most negative value, like the reference's eager masks: a query with no
+    allowed key then attends uniformly instead of producing NaN."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -109,7 +115,8 @@ class TextModel(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
         self.config = config
-        pad = config.pad_token_id if config.pad_token_id is not None and config.pad_token_id < config.vocab_size else None
+        pad = config.pad_token_id
+        pad = pad if pad is not None and pad < config.vocab_size else None  # padding_idx only affects gradients
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=pad)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -137,12 +144,7 @@ class TextModel(nn.Module):
             if attn_mask is None:
                 keys = torch.arange(cache.max_len, device=cache_positions.device)
                 attn_mask = keys <= cache_positions[:, None, :, None]  # [B, 1, T, max_len]
-        mask = None
-        if attn_mask is not None:
-            # Additive mask with the dtype's most negative value, as the reference's eager attention: a query with
-            # no visible key (a left-padding row) then attends uniformly instead of producing NaN.
-            mask = torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device)
-            mask.masked_fill_(~attn_mask, torch.finfo(dtype).min)
+        mask = None if attn_mask is None else additive_mask(attn_mask, dtype)  # pad-only rows must not give NaN
         cos, sin = self.rotary_emb(position_ids, dtype)
         h = inputs_embeds
         for layer in self.layers:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VisionConfig
+from .text import additive_mask
 
 
 def patch_position_ids(patch_mask: torch.Tensor, n: int) -> torch.Tensor:
@@ -54,7 +55,8 @@ class VisionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         b, L, _ = x.shape
-        q, k, v = (p(x).view(b, L, self.n_heads, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        shape = (b, L, self.n_heads, self.head_dim)
+        q, k, v = (p(x).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # bidirectional
         return self.out_proj(out.transpose(1, 2).reshape(b, L, -1))
 
@@ -104,8 +106,6 @@ class VisionTransformer(nn.Module):
         """[N, h*w, D] final-normed patch states for frames [N, 3, H, W] with patch mask [N, h, w]."""
         x = self.embeddings(pixel_values, patch_mask)
         valid = patch_mask.flatten(1)  # [N, L]
-        mask = None
-        if not valid.all():  # as the reference: no mask at all unless some patch is padding; then mask padded keys
-            mask = torch.zeros(valid.shape, dtype=x.dtype, device=x.device).masked_fill_(~valid, torch.finfo(x.dtype).min)
-            mask = mask[:, None, None, :]  # [N, 1, 1, L]
+        # As the reference: no mask at all unless some patch is padding; then padded keys are masked.
+        mask = None if valid.all() else additive_mask(valid[:, None, None, :], x.dtype)  # [N, 1, 1, L]
         return self.post_layernorm(self.encoder(x, mask))

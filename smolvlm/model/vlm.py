@@ -25,9 +25,10 @@ class Backbone(nn.Module):
 
     def __init__(self, config: SmolVLMConfig):
         super().__init__()
-        self.vision_model = VisionTransformer(config.vision_config)
-        self.connector = Connector(config.vision_config.hidden_size, config.text_config.hidden_size, config.scale_factor)
-        self.text_model = TextModel(config.text_config)
+        vision, text = config.vision_config, config.text_config
+        self.vision_model = VisionTransformer(vision)
+        self.connector = Connector(vision.hidden_size, text.hidden_size, config.scale_factor)
+        self.text_model = TextModel(text)
 
 
 class Model(nn.Module):
@@ -71,7 +72,9 @@ class Model(nn.Module):
     def device(self) -> torch.device:
         return self.lm_head.weight.device
 
-    def get_image_features(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def get_image_features(
+        self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """[n_real_frames * image_seq_len, D_t] features for `pixel_values` [B, I, 3, H, W].
 
         All-zero frames are batch padding and are dropped (SmolVLM2 keeps frame 0 when no frame is real, as its
@@ -79,7 +82,8 @@ class Model(nn.Module):
         The frames of all images are encoded as one batch.
         """
         if pixel_values.dim() != 5:
-            raise InputError(f"pixel_values must be [batch, images, 3, height, width]; got shape {list(pixel_values.shape)}")
+            shape = list(pixel_values.shape)
+            raise InputError(f"pixel_values must be [batch, images, 3, height, width]; got shape {shape}")
         b, i, c, h, w = pixel_values.shape
         p, s = self.config.vision_config.patch_size, self.config.scale_factor
         if h // p != w // p or (h // p) % s:
@@ -89,7 +93,8 @@ class Model(nn.Module):
             )
         if pixel_attention_mask is not None and tuple(pixel_attention_mask.shape) != (b, i, h, w):
             raise InputError(
-                f"pixel_attention_mask has shape {list(pixel_attention_mask.shape)}; expected {[b, i, h, w]} to match pixel_values"
+                f"pixel_attention_mask has shape {list(pixel_attention_mask.shape)}; "
+                f"expected {[b, i, h, w]} to match pixel_values"
             )
         frames = pixel_values.to(self.dtype).reshape(b * i, c, h, w)
         real = (frames != 0).flatten(1).any(dim=1)  # [B*I]; padding frames are exactly all-zero
@@ -117,10 +122,11 @@ class Model(nn.Module):
             return embeds
         is_image = input_ids == self.config.image_token_id
         n_tokens, n_features = int(is_image.sum()), image_features.shape[0]
+        per_frame = self.config.image_seq_len
         if n_tokens != n_features:
             raise InputError(
                 f"The text has {n_tokens} image tokens but the images give {n_features} image features "
-                f"({n_features // self.config.image_seq_len} frames x {self.config.image_seq_len}); they must be equal. "
+                f"({n_features // per_frame} frames x {per_frame}); they must be equal. "
                 "Build the prompt with the processor, and don't truncate it."
             )
         return embeds.masked_scatter(is_image[..., None], image_features.to(embeds.dtype))
@@ -149,7 +155,8 @@ class Model(nn.Module):
         if attention_mask is not None:
             if attention_mask.shape != input_ids.shape:
                 raise InputError(
-                    f"attention_mask has shape {list(attention_mask.shape)}; expected {list(input_ids.shape)} like input_ids"
+                    f"attention_mask has shape {list(attention_mask.shape)}; "
+                    f"expected {list(input_ids.shape)} like input_ids"
                 )
             causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
             mask = causal & attention_mask.bool()[:, None, None, :]  # [B, 1, T, T]
