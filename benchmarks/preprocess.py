@@ -19,7 +19,8 @@ from PIL import Image
 
 from smolvlm.processing import Processor, load_image
 
-DEFAULT_FOLDER = Path(__file__).resolve().parents[1].parent / "shared" / "checkpoint-files" / "SmolVLM2-500M-Video-Instruct"
+CHECKPOINT_FILES = Path(__file__).resolve().parents[1].parent / "shared" / "checkpoint-files"
+DEFAULT_FOLDER = CHECKPOINT_FILES / "SmolVLM2-500M-Video-Instruct"
 
 
 def photo(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -4,7 +4,11 @@ from .errors import CheckpointError, ConfigError, InputError, SmolVLMError
 
 __all__ = ["CheckpointError", "ConfigError", "InputError", "Model", "Processor", "SmolVLMConfig", "SmolVLMError"]
 
-_LAZY = {"Model": "smolvlm.model", "Processor": "smolvlm.processing", "SmolVLMConfig": "smolvlm.config"}  # imported on first use (torch is heavy)
+_LAZY = {  # imported on first use (torch is heavy)
+    "Model": "smolvlm.model",
+    "Processor": "smolvlm.processing",
+    "SmolVLMConfig": "smolvlm.config",
+}
 
 
 def __getattr__(name):

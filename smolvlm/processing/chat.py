@@ -77,7 +77,7 @@ def _block(block, where: str) -> dict:
 
 
 def has_video(conversations: list[list[dict]]) -> bool:
-    return any(block["type"] == "video" for messages in conversations for m in messages for block in m.get("content", ()))
+    return any(b["type"] == "video" for messages in conversations for m in messages for b in m.get("content", ()))
 
 
 def collect_media(conversations: list[list[dict]]) -> tuple[list[list], list[list]]:

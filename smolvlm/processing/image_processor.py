@@ -8,7 +8,7 @@ Per image (all resizes are Pillow resizes with the checkpoint's filter, LANCZOS,
    256-entry lookup table per channel written straight into the output);
 4. pad every sample to the batch's largest frame count with all-zero frames (`pixel_attention_mask` 0).
 
-Frames are always M x M (steps 2 make them so), so there is never spatial padding. `do_convert_rgb` and `do_pad` are
+Frames are always M x M (step 2 makes them so), so there is never spatial padding. `do_convert_rgb` and `do_pad` are
 always on (every released checkpoint sets both; images are made RGB in images.py).
 """
 

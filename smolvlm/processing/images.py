@@ -59,8 +59,9 @@ def load_image(source, timeout: float = FETCH_TIMEOUT_S, max_bytes: int = MAX_IM
         image = source
     elif isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
         data = _read(source, timeout, max_bytes)
-        guessed_base64 = isinstance(source, str) and isinstance(data, bytes) and not source.startswith(("http://", "https://", "data:"))
-        image = _decode(data, describe(source), NOT_A_SOURCE if guessed_base64 else "not an image Pillow can decode")
+        # A string that is no file, URL or data URL was read as base64: if it isn't an image, say what we expected.
+        guessed = isinstance(source, str) and isinstance(data, bytes) and not source.startswith(("http", "data:"))
+        image = _decode(data, describe(source), NOT_A_SOURCE if guessed else "not an image Pillow can decode")
     elif hasattr(source, "shape") and hasattr(source, "dtype"):
         return Image.fromarray(array_to_rgb(source), "RGB")
     else:
@@ -164,7 +165,8 @@ def _download(url: str, timeout: float, max_bytes: int) -> bytes:
     try:
         with httpx.stream("GET", url, timeout=timeout, follow_redirects=True) as response:
             if response.status_code >= 400:
-                raise InputError(f"Can't download the image {url!r}: HTTP {response.status_code} {response.reason_phrase}")
+                status = f"HTTP {response.status_code} {response.reason_phrase}"
+                raise InputError(f"Can't download the image {url!r}: {status}")
             data = bytearray()
             for chunk in response.iter_bytes():
                 data += chunk

@@ -67,13 +67,14 @@ class Processor:
         family = _family(folder, processor_config, preprocessor)
         tokenizer, settings = load_tokenizer(folder)
         image_tokens = ImageTokens()
-        if family == "smolvlm":  # SmolVLMProcessor reads the names from the tokenizer; Idefics3Processor hard-codes them
+        if family == "smolvlm":  # SmolVLMProcessor reads the token names from the tokenizer; Idefics3Processor doesn't
             names = {"image": "image_token", "fake_around": "fake_image_token", "global_image": "global_image_token"}
             image_tokens = ImageTokens(**{f: settings.config[k] for f, k in names.items()
                                           if isinstance(settings.config.get(k), str)})
-        return cls(tokenizer, settings, ImageProcessor.from_dict(preprocessor, str(folder / "preprocessor_config.json")),
-                   seq_len, family, _chat_template(folder, settings.config), image_tokens,
-                   VideoSampling.from_dict(preprocessor.get("video_sampling"), str(folder / "preprocessor_config.json")))
+        source = str(folder / "preprocessor_config.json")
+        return cls(tokenizer, settings, ImageProcessor.from_dict(preprocessor, source), seq_len, family,
+                   _chat_template(folder, settings.config), image_tokens,
+                   VideoSampling.from_dict(preprocessor.get("video_sampling"), source))
 
     # -- prompts and images -> model inputs --
 
@@ -222,7 +223,8 @@ class Processor:
         return self.tokenizer.decode(_id_list(ids), skip_special_tokens=skip_special_tokens)
 
     def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
-        return self.tokenizer.decode_batch([_id_list(ids) for ids in sequences], skip_special_tokens=skip_special_tokens)
+        ids = [_id_list(row) for row in sequences]
+        return self.tokenizer.decode_batch(ids, skip_special_tokens=skip_special_tokens)
 
 
 def _is_image(x) -> bool:

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 
 from ..errors import CheckpointError, ConfigError, InputError
 
-SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")  # what chat templates see, as in the reference
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")  # the reference's template variables
 LARGE_MAX_LENGTH = int(1e20)  # transformers' "no model_max_length" sentinel
 
 

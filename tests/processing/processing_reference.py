@@ -29,8 +29,9 @@ def reference_processor(family: str):
 
     template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
     seq_len = json.loads((folder / "processor_config.json").read_text())["image_seq_len"]
-    return ReferenceSmolVLMProcessor(SmolVLMImageProcessorPil.from_pretrained(folder), AutoTokenizer.from_pretrained(folder),
-                                     StandInVideoProcessor(), image_seq_len=seq_len, chat_template=template)
+    image_processor, tokenizer = SmolVLMImageProcessorPil.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    return ReferenceSmolVLMProcessor(image_processor, tokenizer, StandInVideoProcessor(), image_seq_len=seq_len,
+                                     chat_template=template)
 
 
 

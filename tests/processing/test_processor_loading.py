@@ -114,7 +114,8 @@ def test_chat_template_sources(folder):
     assert Processor.from_pretrained(folder).apply_chat_template(messages) == "jinja:Hi"
     (folder / "chat_template.jinja").unlink()
     (folder / "chat_template.json").unlink()  # falls back to tokenizer_config.json's
-    assert Processor.from_pretrained(folder).apply_chat_template(messages) == "<|im_start|>User: Hi<end_of_utterance>\nAssistant:"
+    expected = "<|im_start|>User: Hi<end_of_utterance>\nAssistant:"
+    assert Processor.from_pretrained(folder).apply_chat_template(messages) == expected
     _edit(folder, "tokenizer_config.json", chat_template=[{"name": "default", "template": "d"},
                                                           {"name": "tool_use", "template": "t"}])
     processor = Processor.from_pretrained(folder)

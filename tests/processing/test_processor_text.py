@@ -182,7 +182,7 @@ def test_decode_matches_the_reference(pair):
 
 
 def test_image_settings_per_call(pair):
-    for kw in (dict(do_resize=False), dict(size={"height": 100, "width": 60}), dict(max_image_size={"longest_edge": 48}),
-               dict(do_image_splitting=False, size={"longest_edge": 96})):
+    for kw in (dict(do_resize=False), dict(size={"height": 100, "width": 60}),
+               dict(max_image_size={"longest_edge": 48}), dict(do_image_splitting=False, size={"longest_edge": 96})):
         check_call(pair, "<image>", photo(150, 70, 4), **{**SMALL, **kw})
     check_call(pair, "<image>", photo(700, 300, 5), do_resize=False)  # real tiles, no first resize
