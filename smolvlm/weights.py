@@ -33,6 +33,18 @@ def resolve_dtype(dtype: str | torch.dtype | None, checkpoint_dtype: str | None 
     raise InputError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """torch device for a user's `device` (default CPU), checked to be usable here."""
+    try:
+        device = torch.device(device or "cpu")
+        if device.type == "meta":
+            raise RuntimeError("weights can't be loaded onto the meta device")
+        torch.empty(0, device=device)  # e.g. "cuda" on a machine without CUDA fails here, not mid-load
+    except (RuntimeError, AssertionError) as e:
+        raise InputError(f"device {str(device)!r} can't be used: {e}") from e
+    return device
+
+
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint folder: model.safetensors, or the shards its index names."""
     folder = Path(folder)

@@ -70,17 +70,19 @@ def test_v5_saved_config(tiny_v2, tmp_path):
 # The reference's default vision config (224 px / 32 px patches = 7x7 grid) can't be pixel-shuffled by its default
 # scale_factor 2, so every case names a grid; otherwise the keys are left out to get the defaults.
 GRID = {"image_size": 512, "patch_size": 16}
+BASE = {"model_type": "smolvlm", "image_token_id": 5, "vision_config": GRID}
+SO400M = {"image_size": 384, "patch_size": 14}  # the 2.2B models' tower
 
 
 @pytest.mark.parametrize(
     "d",
     [
-        {"model_type": "smolvlm", "image_token_id": 5, "vision_config": GRID},  # no text_config: every default, eps 1e-5
-        {"model_type": "idefics3", "image_token_id": 5, "vision_config": GRID, "text_config": {"hidden_size": 128, "num_attention_heads": 4}},
-        {"model_type": "smolvlm", "image_token_id": 5, "vision_config": GRID, "text_config": {"rope_theta": 273768}, "torch_dtype": "bfloat16"},
-        {"model_type": "smolvlm", "image_token_id": 5, "vision_config": GRID, "dtype": "float16", "torch_dtype": "bfloat16"},
-        {"model_type": "smolvlm", "image_token_id": 5, "vision_config": GRID, "text_config": {"rope_scaling": None, "head_dim": 64}},
-        {"model_type": "smolvlm", "image_token_id": 5, "vision_config": {"image_size": 384, "patch_size": 14}, "scale_factor": 3},
+        BASE,  # no text_config: every default, eps 1e-5
+        {**BASE, "model_type": "idefics3", "text_config": {"hidden_size": 128, "num_attention_heads": 4}},
+        {**BASE, "text_config": {"rope_theta": 273768}, "torch_dtype": "bfloat16"},
+        {**BASE, "dtype": "float16", "torch_dtype": "bfloat16"},
+        {**BASE, "text_config": {"rope_scaling": None, "head_dim": 64}},
+        {**BASE, "vision_config": SO400M, "scale_factor": 3},
     ],
     ids=["defaults", "text-defaults", "legacy-keys", "dtype-wins", "null-rope-scaling", "so400m-grid"],
 )
@@ -90,16 +92,13 @@ def test_defaults_and_legacy_keys_like_reference(d, tmp_path):
 
 def test_rms_norm_eps_default_follows_reference():
     # 1e-5 is injected only when there is no text_config; a text_config without the key gets Llama's 1e-6.
-    d = {"model_type": "smolvlm", "image_token_id": 5, "vision_config": GRID}
-    assert SmolVLMConfig.from_dict(d).text_config.rms_norm_eps == 1e-5
-    assert SmolVLMConfig.from_dict({**d, "text_config": {}}).text_config.rms_norm_eps == 1e-6
+    assert SmolVLMConfig.from_dict(BASE).text_config.rms_norm_eps == 1e-5
+    assert SmolVLMConfig.from_dict({**BASE, "text_config": {}}).text_config.rms_norm_eps == 1e-6
 
 
 def test_non_divisible_image_size_is_the_2b_layout():
     # 384 / 14 is not an integer: the 2.2B models use a 27x27 grid and drop 6 pixels, as the reference does.
-    c = SmolVLMConfig.from_dict(
-        {"model_type": "smolvlm", "image_token_id": 5, "scale_factor": 3, "vision_config": {"image_size": 384, "patch_size": 14}}
-    )
+    c = SmolVLMConfig.from_dict({**BASE, "scale_factor": 3, "vision_config": SO400M})
     assert c.vision_config.patches_per_side == 27 and c.image_seq_len == 81
 
 

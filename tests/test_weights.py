@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from smolvlm import CheckpointError, InputError, Model
 from smolvlm.model.text import rope_inv_freq
-from smolvlm.weights import resolve_dtype
+from smolvlm.weights import resolve_device, resolve_dtype
 from tiny import make_tiny_checkpoint, reference_config, reference_model
 
 IDS = torch.tensor([[1, 520, 3000, 49190, 77, 15, 9, 4000]])
@@ -127,6 +127,13 @@ def test_resolve_dtype():
     for bad in ("float64", torch.float64, "int8"):
         with pytest.raises(InputError, match="use one of float32, bfloat16, float16"):
             resolve_dtype(bad)
+
+
+def test_resolve_device():
+    assert resolve_device(None) == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+    for bad in ("bogus", "meta") + (() if torch.cuda.is_available() else ("cuda",)):
+        with pytest.raises(InputError, match="can't be used"):
+            resolve_device(bad)
 
 
 @pytest.mark.parametrize("family", ["smolvlm", "idefics3"])

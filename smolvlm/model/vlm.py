@@ -14,7 +14,7 @@ from torch import nn
 from .. import hub
 from ..config import SmolVLMConfig
 from ..errors import InputError
-from ..weights import load_weights, resolve_dtype
+from ..weights import load_weights, resolve_device, resolve_dtype
 from .connector import Connector
 from .text import TextModel, rope_inv_freq
 from .vision import VisionTransformer
@@ -53,7 +53,7 @@ class Model(nn.Module):
         folder = hub.resolve(path_or_repo_id, revision=revision)
         config = SmolVLMConfig.from_pretrained(folder)
         dtype = resolve_dtype(dtype, config.dtype)
-        device = torch.device(device or "cpu")
+        device = resolve_device(device)
         with torch.device("meta"):
             model = cls(config)
         tied = frozenset({"lm_head.weight"} if config.tie_word_embeddings else ())
