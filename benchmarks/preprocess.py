@@ -8,6 +8,7 @@ Both get the same photo-like image, as a PIL object and as a JPEG file, and must
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -30,14 +31,17 @@ def photo(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.asarray(base) ^ rng.integers(0, 16, (height, width, 3), dtype=np.uint8))
 
 
-def timed(fn, reps: int) -> tuple[list[float], torch.Tensor]:
-    out = fn()  # warm-up
-    times = []
+def timed(fns: dict, reps: int) -> tuple[dict, dict]:
+    """Median and best seconds per function, and their outputs; the functions take turns each rep, so a machine
+    whose load changes during the run slows them alike."""
+    outputs = {name: fn() for name, fn in fns.items()}  # warm-up
+    times = {name: [] for name in fns}
     for _ in range(reps):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return times, out
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            outputs[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(t), min(t)) for name, t in times.items()}, outputs
 
 
 def main() -> None:
@@ -56,16 +60,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         jpeg = str(Path(tmp) / "photo.jpg")
         image.save(jpeg, quality=90)
-        print(f"{width}x{height} photo -> pixel_values, {args.reps} reps after a warm-up, torch threads "
-              f"{torch.get_num_threads()} ({args.folder.name})")
-        for name, source in (("PIL image", image), ("JPEG file", jpeg)):
-            ref_times, ref_out = timed(lambda: reference(source, return_tensors="pt")["pixel_values"], args.reps)
-            our_times, our_out = timed(lambda: ours([[load_image(source)]]).pixel_values, args.reps)
-            assert torch.equal(ref_out, our_out), "pixel_values differ from the reference"
-            ref_ms, our_ms = statistics.median(ref_times) * 1e3, statistics.median(our_times) * 1e3
-            print(f"  {name:9}  reference {ref_ms:7.1f} ms   ours {our_ms:7.1f} ms   speed-up x{ref_ms / our_ms:.2f}   "
-                  f"(median; {tuple(our_out.shape)} bit-identical)")
-
+        print(f"{width}x{height} photo -> pixel_values ({args.folder.name}), {args.reps} reps after a warm-up, "
+              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+        for kind, source in (("PIL image", image), ("JPEG file", jpeg)):
+            stats, outputs = timed({
+                "reference": lambda: reference(source, return_tensors="pt")["pixel_values"],
+                "ours": lambda: ours([[load_image(source)]]).pixel_values,
+            }, args.reps)
+            assert torch.equal(outputs["reference"], outputs["ours"]), "pixel_values differ from the reference"
+            (ref_med, ref_min), (our_med, our_min) = stats["reference"], stats["ours"]
+            print(f"  {kind:9}  reference {ref_med * 1e3:6.0f} ms (best {ref_min * 1e3:4.0f})   "
+                  f"ours {our_med * 1e3:6.0f} ms (best {our_min * 1e3:4.0f})   speed-up x{ref_med / our_med:.2f} "
+                  f"median, x{ref_min / our_min:.2f} best   {tuple(outputs['ours'].shape)} bit-identical")
 
 if __name__ == "__main__":
     main()

@@ -77,6 +77,7 @@ def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
     if image.width == 0 or image.height == 0:
         raise InputError(f"The {name} is empty ({image.width}x{image.height} pixels)")
     try:
+        image.load()  # a lazily opened image (Image.open) decodes here, so a truncated file fails with a clear error
         if "A" in image.getbands() or image.info.get("transparency") is not None:
             rgba = image.convert("RGBA")
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -69,6 +69,14 @@ def test_truncated_file(tmp_path, fmt):
         load_image(str(path))
 
 
+def test_truncated_file_opened_by_the_caller(tmp_path):
+    path = tmp_path / "cut.jpg"
+    data = _encoded(photo(200, 200), "JPEG")
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=r"Can't convert the PIL image \(mode RGB, 200x200\) to RGB: .*truncated"):
+        load_image(Image.open(path))
+
+
 def test_missing_file_and_folder(tmp_path):
     with pytest.raises(InputError, match=r"'missing/cat.png': it is not an existing file, an http\(s\) URL"):
         load_image("missing/cat.png")
