@@ -267,3 +267,11 @@ def test_missing_config_and_missing_folder(tiny_v2, tmp_path):
     assert load_error(folder) == f"No config.json in {folder}: not a SmolVLM checkpoint folder"
     missing = tmp_path / "nowhere"
     assert str(missing) in load_error(missing)
+
+
+def test_model_code_never_imports_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, smolvlm; smolvlm.Model, smolvlm.SmolVLMConfig; assert 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=__file__.rsplit("/tests/", 1)[0])
