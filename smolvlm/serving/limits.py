@@ -1,0 +1,22 @@
+"""What one request may ask of the server. Each limit is a `smolvlm serve` option; a request over one gets a 4xx
+error that names the limit and the option that raises it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MiB = 2**20
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 32 * MiB  # the whole JSON request (data: URLs included)
+    max_images: int = 8  # image parts in one request
+    max_image_pixels: int = 7680 * 4320  # width x height of one image, read from its header before decoding
+    max_media_bytes: int = 20 * MiB  # one fetched (or data: URL) image or video, encoded
+    max_video_seconds: float = 600.0  # duration of one video
+    max_tokens: int = 4096  # the most tokens a request may ask to generate (and the default when it asks none)
+    fetch_timeout: float = 10.0  # seconds for each network step of fetching one URL (connect, each read)
+    allow_private_urls: bool = False  # fetch URLs on loopback, private and link-local addresses
+    allow_file_urls: bool = False  # read file: URLs on the server's disk
+

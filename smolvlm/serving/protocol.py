@@ -1,0 +1,166 @@
+"""The OpenAI chat-completions wire format: request models (validated with pydantic) and response builders.
+
+Requests follow https://platform.openai.com/docs/api-reference/chat/create. Fields we don't know are ignored, as
+OpenAI ignores them; fields OpenAI knows but we can't honour (n > 1, logprobs, tools, penalties) are refused with a
+clear error rather than silently dropped. Extensions (as vLLM accepts them): top_k, min_p, repetition_penalty.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class TextPart(_Base):
+    type: Literal["text"]
+    text: str
+
+
+class URL(_Base):
+    url: str
+    detail: str | None = None  # OpenAI's image detail hint; the image processor decides the tiling
+
+
+class ImagePart(_Base):
+    type: Literal["image_url"]
+    image_url: URL
+
+
+class VideoPart(_Base):
+    type: Literal["video_url"]
+    video_url: URL
+
+
+Part = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
+
+
+class Message(_Base):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | Annotated[list[Part], Field(min_length=1)]
+    name: str | None = None
+
+
+class StreamOptions(_Base):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Base):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    model: str | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Literal[1] = 1
+    logprobs: Literal[False] | None = None
+    tools: Annotated[list, Field(max_length=0)] | None = None
+    frequency_penalty: Literal[0] | None = None
+    presence_penalty: Literal[0] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _one_max_tokens(self):
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            if self.max_tokens != self.max_completion_tokens:
+                raise ValueError("give max_completion_tokens or max_tokens (its older name), not two different values")
+        return self
+
+    @property
+    def requested_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+UNSUPPORTED = {  # field -> why a non-default value is refused
+    "n": "only n=1 is supported",
+    "logprobs": "logprobs are not supported",
+    "tools": "tool calling is not supported",
+    "frequency_penalty": "frequency_penalty is not supported (use repetition_penalty)",
+    "presence_penalty": "presence_penalty is not supported (use repetition_penalty)",
+}
+
+
+def validation_error(e: ValidationError) -> tuple[str, str | None]:
+    """(message, param) for the most specific problem pydantic found; param is its path, e.g. messages[0].content."""
+    errors = [(_param(err["loc"]), err) for err in e.errors(include_url=False)]
+    param, err = max(errors, key=lambda pe: pe[0].count(".") + pe[0].count("["))  # the deepest union branch
+    field = param.split(".")[-1].split("[")[0]
+    if field in UNSUPPORTED:
+        return f"{param}: {UNSUPPORTED[field]}", param
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "union_tag_not_found":
+        message = "a content part needs a 'type': 'text', 'image_url' or 'video_url'"
+    elif err["type"] not in ("missing", "union_tag_invalid", "value_error"):
+        message += f" (got {err['input']!r:.100})"
+    return f"{param or 'request'}: {message}", param or None
+
+
+def _param(loc: tuple) -> str:
+    """A pydantic error location as a path. Union branches add labels ("str", "list[...]", and a tagged union's tag,
+    which equals the part's field name here); they are left out."""
+    param, last = "", None
+    for part in loc:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif "[" not in part and part not in ("str", "int", "float", "bool") and part != last:
+            param += f".{part}" if param else part
+        last = part
+    return param
+
+
+class APIError(Exception):
+    """A request the server won't run, as the HTTP status and OpenAI error fields to send back."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.status, self.param, self.code, self.type = message, status, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion(id: str, model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "id": id, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                     "finish_reason": finish_reason}],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }  # fmt: skip
+
+
+def chunk(id: str, model: str, created: int, delta: dict, finish_reason: str | None = None,
+          with_usage: bool = False) -> dict:
+    """One streamed chunk; with stream_options.include_usage every chunk carries "usage": null (OpenAI)."""
+    out = {"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": None,
+           "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+    if with_usage:
+        out["usage"] = None
+    return out
+
+
+def usage_chunk(id: str, model: str, created: int, prompt_tokens: int, completion_tokens: int) -> dict:
+    """The last chunk when stream_options.include_usage is set: no choices, the request's usage."""
+    return {"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": None,
+            "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def model_list(name: str, created: int) -> dict:
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "smolvlm"}]}
