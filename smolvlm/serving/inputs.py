@@ -1,0 +1,151 @@
+"""A validated chat-completions request -> the engine's inputs: the prompt (media fetched, checked, decoded and
+tokenized) and the sampling parameters.
+
+`fetch_media` runs on the event loop (network I/O); `build_prompt` runs in a worker thread (decoding, resizing and
+tokenizing take milliseconds to seconds and must block neither the event loop nor the engine loop). Media reach the
+processor decoded (RGB images, sampled video frames), never as URLs or paths, so the processor never fetches or
+opens anything a request names, and a bad image or video is reported with the request path of its part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from io import BytesIO
+
+from PIL import Image
+
+from ..errors import InputError
+from ..generation import Prompt, SamplingParams, prepare
+from ..processing.images import load_image
+from ..processing.video import Video, sample_frame_indices
+from ..processing.video_decode import read_video
+from .fetch import Fetcher
+from .limits import Limits
+from .protocol import APIError, ChatCompletionRequest, ImagePart, VideoPart
+
+ROLES = {"developer": "system"}  # OpenAI's newer name for the system role
+
+
+def media_parts(request: ChatCompletionRequest) -> list[tuple[str, ImagePart | VideoPart]]:
+    """(request path of the URL, part) for every image and video part, in order."""
+    return [
+        (f"messages[{i}].content[{j}].{part.type}.url", part)
+        for i, message in enumerate(request.messages) if isinstance(message.content, list)
+        for j, part in enumerate(message.content) if isinstance(part, (ImagePart, VideoPart))
+    ]  # fmt: skip
+
+
+async def fetch_media(request: ChatCompletionRequest, fetcher: Fetcher, limits: Limits) -> dict[str, bytes]:
+    """The bytes of every image and video part, by request path (all fetched at once)."""
+    parts = media_parts(request)
+    images = sum(isinstance(part, ImagePart) for _, part in parts)
+    if images > limits.max_images:
+        raise APIError(f"The request holds {images} images; this server takes at most {limits.max_images} per request "
+                       "(--max-images)", 400, "messages", "too_many_images")
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = {where: group.create_task(fetcher.fetch(_url(part), where)) for where, part in parts}
+    except* APIError as errors:
+        raise errors.exceptions[0] from None
+    return {where: task.result() for where, task in tasks.items()}
+
+
+def build_prompt(processor, request: ChatCompletionRequest, media: dict[str, bytes], limits: Limits) -> Prompt:
+    """Check and decode the media, render the chat template and tokenize (in a worker thread)."""
+    decoded = {}
+    for where, part in media_parts(request):
+        if isinstance(part, ImagePart):
+            decoded[where] = {"type": "image", "image": decode_image(media[where], where, limits)}
+        else:
+            decoded[where] = {"type": "video", "video": load_video(processor, media[where], where, limits)}
+    messages = []
+    for i, message in enumerate(request.messages):
+        content = message.content
+        if isinstance(content, list):
+            content = [
+                {"type": "text", "text": part.text} if part.type == "text"
+                else decoded[f"messages[{i}].content[{j}].{part.type}.url"]
+                for j, part in enumerate(content)
+            ]  # fmt: skip
+        messages.append({"role": ROLES.get(message.role, message.role), "content": content})
+    try:
+        return prepare(processor, messages)
+    except InputError as e:
+        raise APIError(str(e), 400, "messages") from None
+
+
+def decode_image(data: bytes, where: str, limits: Limits) -> Image.Image:
+    """The RGB image, decoded as the processor decodes encoded images (`load_image`), once its header showed an
+    image Pillow knows of at most max_image_pixels."""
+    try:
+        with Image.open(BytesIO(data)) as image:
+            width, height = image.size
+    except Image.DecompressionBombError:
+        width = height = None
+    except Exception:  # Pillow raises many kinds for data that is not an image
+        raise APIError(f"{where}: not an image (Pillow can't identify the {len(data)} bytes)", 400, where,
+                       "invalid_image") from None
+    if width is None or width * height > limits.max_image_pixels:
+        size = f"{width}x{height} = {width * height} pixels" if width else "too many pixels to open safely"
+        raise APIError(f"{where}: the image is {size}; this server takes at most {limits.max_image_pixels} pixels "
+                       "(--max-image-pixels)", 400, where, "image_too_large")
+    try:
+        return load_image(data)
+    except InputError as e:
+        raise APIError(f"{where}: {e}", 400, where, "invalid_image") from None
+
+
+def load_video(processor, data: bytes, where: str, limits: Limits) -> Video:
+    """Decode the frames the processor's video sampling keeps, after checking the video's length (which needs only
+    the demux pass, not decoding)."""
+    sampling = processor.video_sampling
+
+    def frames_to_keep(metadata):
+        if metadata.duration > limits.max_video_seconds:
+            raise APIError(f"{where}: the video lasts {metadata.duration:.1f} s; this server takes at most "
+                           f"{limits.max_video_seconds:g} s (--max-video-seconds)", 400, where, "video_too_long")
+        return sample_frame_indices(metadata, sampling.fps, sampling.max_frames)
+
+    try:
+        frames, indices, metadata = read_video(data, frames_to_keep, where)
+    except InputError as e:
+        raise APIError(str(e), 400, where, "invalid_video") from None
+    return Video(frames, indices, metadata)
+
+
+def sampling_params(request: ChatCompletionRequest, prompt_tokens: int, context: int, limits: Limits) -> SamplingParams:
+    """The request's sampling settings. Greedy unless `temperature` > 0 (the checkpoints' generation config and the
+    Python API default; OpenAI's default is 1). Without max_tokens, the answer may fill the context (up to
+    limits.max_tokens)."""
+    if prompt_tokens >= context:
+        raise APIError(f"This model's maximum context length is {context} tokens, but the messages hold "
+                       f"{prompt_tokens} tokens. Please shorten the messages (or images/videos).", 400, "messages",
+                       "context_length_exceeded")
+    wanted = request.requested_tokens
+    param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+    if wanted is not None and wanted > limits.max_tokens:
+        raise APIError(f"{param} = {wanted} is too large: this server generates at most {limits.max_tokens} tokens "
+                       "per request (--max-tokens)", 400, param)
+    if wanted is not None and prompt_tokens + wanted > context:
+        raise APIError(f"This model's maximum context length is {context} tokens. However, you requested "
+                       f"{prompt_tokens + wanted} tokens ({prompt_tokens} in the messages, {wanted} in the "
+                       f"completion). Please reduce the length of the messages or the completion.", 400, param,
+                       "context_length_exceeded")
+    stop = request.stop if request.stop is not None else ()
+    try:
+        return SamplingParams(
+            max_new_tokens=wanted or min(limits.max_tokens, context - prompt_tokens),
+            temperature=request.temperature or 0.0,
+            top_p=request.top_p if request.top_p is not None else 1.0,
+            top_k=request.top_k or 0,
+            min_p=request.min_p or 0.0,
+            repetition_penalty=request.repetition_penalty or 1.0,
+            seed=request.seed,
+            stop=stop,
+        )
+    except InputError as e:
+        raise APIError(str(e), 400) from None
+
+
+def _url(part: ImagePart | VideoPart) -> str:
+    return part.image_url.url if isinstance(part, ImagePart) else part.video_url.url

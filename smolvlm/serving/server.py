@@ -1,0 +1,257 @@
+"""The FastAPI app: OpenAI-compatible routes over one engine loop (worker.py) shared by every request.
+
+A chat completion goes: read the body (size-capped) -> validate (protocol.py) -> fetch media on the event loop
+(fetch.py) -> decode, template and tokenize in a thread pool (inputs.py) -> submit to the engine loop -> relay its
+outputs (one JSON answer, or server-sent events). Every refusal is an OpenAI-format error; the server keeps serving.
+A client that goes away has its request aborted, which frees its batch slot at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing, asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+
+from ..errors import SmolVLMError
+from ..generation import Engine, Prompt, SamplingParams, StepOutput
+from . import protocol
+from .fetch import Fetcher
+from .inputs import build_prompt, fetch_media, sampling_params
+from .limits import Limits
+from .protocol import APIError, ChatCompletionRequest
+from .worker import Worker
+
+log = logging.getLogger("smolvlm.serving")
+
+PREPROCESS_THREADS = 4  # requests decoded/tokenized at once, beside the engine loop
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+def create_app(vlm, model_name: str, limits: Limits = Limits(), max_batch: int = 8, max_len: int | None = None,
+               api_key: str | None = None) -> FastAPI:
+    """An app serving `vlm` (a `smolvlm.load` result) as `model_name`. `max_len` is the context (prompt + answer) of
+    each batch slot, by default the model's (at most 8192); `max_batch` the requests decoded together."""
+    context = max_len or min(vlm.model.config.text_config.max_position_embeddings, 8192)
+    worker = Worker(lambda: Engine(vlm.model, vlm.processor, vlm.end_ids, max_batch=max_batch, max_len=context))
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.fetcher = Fetcher(limits)
+        app.state.pool = ThreadPoolExecutor(PREPROCESS_THREADS, thread_name_prefix="smolvlm-preprocess")
+        worker.start()
+        try:
+            yield
+        finally:  # uvicorn has let in-flight requests finish (or cancelled them, aborting their engine requests)
+            worker.stop()
+            app.state.pool.shutdown(wait=False, cancel_futures=True)
+            await app.state.fetcher.aclose()
+
+    app = FastAPI(title="smolvlm", lifespan=lifespan)
+    app.state.worker = worker
+
+    async def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            raise APIError("Missing API key: send the header 'Authorization: Bearer <key>'", 401, None,
+                           "invalid_api_key")
+        if not hmac.compare_digest(key.strip().encode(), api_key.encode()):
+            raise APIError("Incorrect API key provided", 401, None, "invalid_api_key")
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return JSONResponse(e.body(), e.status, headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:  # unknown routes, wrong methods
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        message = f"{request.method} {request.url.path}: {e.detail}"
+        return JSONResponse(APIError(message, e.status_code, None, code).body(), e.status_code, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unexpected error serving %s %s", request.method, request.url.path)
+        return JSONResponse(APIError(f"Internal server error ({type(e).__name__}); see the server log", 500, None,
+                                     None, "server_error").body(), 500)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = worker.alive
+        body = {"status": "ok" if ok else "unavailable", "model": model_name, "max_batch": max_batch,
+                "context": context, **worker.snapshot()}
+        return JSONResponse(body, 200 if ok else 503)
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models() -> dict:
+        return protocol.model_list(model_name, created)
+
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(authorize)])
+    async def model(name: str) -> dict:
+        if name != model_name:
+            raise _unknown_model(name, model_name)
+        return protocol.model_list(model_name, created)["data"][0]
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(request: Request) -> Response:
+        try:
+            body = await _read_json(request, limits.max_body_bytes)
+        except ClientDisconnect:
+            return Response(status_code=499)
+        try:
+            chat = ChatCompletionRequest.model_validate(body)
+        except ValidationError as e:
+            message, param = protocol.validation_error(e)
+            raise APIError(message, 400, param) from None
+        if chat.model is not None and chat.model != model_name:
+            raise _unknown_model(chat.model, model_name)
+        if not worker.alive:
+            raise APIError("The server is shutting down", 503, None, None, "server_error")
+
+        async def prepare() -> tuple[Prompt, SamplingParams]:
+            media = await fetch_media(chat, app.state.fetcher, limits)
+            loop = asyncio.get_running_loop()
+            prompt = await loop.run_in_executor(app.state.pool, build_prompt, vlm.processor, chat, media, limits)
+            return prompt, sampling_params(chat, len(prompt), context, limits)
+
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        try:
+            if chat.stream:
+                prompt, params = await _unless_disconnected(request, prepare())
+                events = _sse(worker, request_id, prompt, params, model_name, chat)
+                return StreamingResponse(events, media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+            async def answer() -> dict:
+                prompt, params = await prepare()
+                text, finish, completion_tokens = "", "stop", 0
+                async with aclosing(_outputs(worker, request_id, prompt, params)) as outputs:
+                    async for out in outputs:
+                        text += out.text
+                        finish, completion_tokens = out.finish_reason, out.completion_tokens
+                return protocol.completion(request_id, model_name, text, finish, len(prompt), completion_tokens)
+
+            return JSONResponse(await _unless_disconnected(request, answer()))
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it; the request's work was cancelled and aborted
+
+    return app
+
+
+async def _read_json(request: Request, limit: int) -> dict:
+    """The body as a JSON object, read at most `limit` bytes into it."""
+    too_large = APIError(f"The request body is larger than {limit} bytes (--max-body-mb)", 413, None,
+                         "request_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise APIError(f"The request body is not valid JSON: {e}", 400, None, "invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(f"The request body must be a JSON object, got a JSON {type(data).__name__}", 400, None,
+                       "invalid_json")
+    return data
+
+
+def _unknown_model(name: str, served: str) -> APIError:
+    return APIError(f"The model {name!r} does not exist; this server serves {served!r}", 404, "model",
+                    "model_not_found")
+
+
+async def _unless_disconnected(request: Request, work):
+    """Run `work` (a coroutine); if the client disconnects first, cancel it and raise ClientGone."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this handler is cancelled (shutdown): the work is cancelled with it
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)  # let its clean-up (the abort) run
+    if task.cancelled():
+        raise ClientGone
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read, so receive() only reports that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _outputs(worker: Worker, request_id: str, prompt: Prompt, params: SamplingParams) -> AsyncIterator[StepOutput]:
+    """Submit the request to the engine loop and yield its outputs; stopping early (the client went away) aborts it."""
+    queue: asyncio.Queue = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    try:
+        worker.submit(request_id, prompt, params, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+    except RuntimeError:
+        raise APIError("The server is shutting down", 503, None, None, "server_error") from None
+    except SmolVLMError as e:
+        raise APIError(str(e), 400, "messages") from None
+    finished = False
+    try:
+        while not finished:
+            item = await queue.get()
+            if isinstance(item, Exception):
+                finished = True
+                raise APIError(f"The engine failed while generating ({type(item).__name__}: {item}); the request was "
+                               "dropped", 500, None, None, "server_error")
+            finished = item.finished
+            yield item
+    finally:
+        if not finished:
+            worker.abort(request_id)
+
+
+async def _sse(worker: Worker, request_id: str, prompt: Prompt, params: SamplingParams, model_name: str,
+               chat: ChatCompletionRequest) -> AsyncIterator[str]:
+    """The answer as server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+    created = int(time.time())
+    with_usage = chat.stream_options is not None and chat.stream_options.include_usage
+
+    def event(data: dict) -> str:
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    def chunk(delta: dict, finish: str | None = None) -> str:
+        return event(protocol.chunk(request_id, model_name, created, delta, finish, with_usage))
+
+    yield chunk({"role": "assistant", "content": ""})
+    try:
+        async with aclosing(_outputs(worker, request_id, prompt, params)) as outputs:
+            async for out in outputs:
+                if out.text:
+                    yield chunk({"content": out.text})
+                if out.finished:
+                    yield chunk({}, out.finish_reason)
+                    if with_usage:
+                        yield event(protocol.usage_chunk(request_id, model_name, created, len(prompt),
+                                                         out.completion_tokens))
+    except APIError as e:  # the status line is gone already: report it in the stream, as OpenAI does
+        yield event(e.body())
+    yield "data: [DONE]\n\n"
