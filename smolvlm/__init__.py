@@ -2,12 +2,17 @@
 
 from .errors import CheckpointError, ConfigError, InputError, SmolVLMError
 
-__all__ = ["CheckpointError", "ConfigError", "InputError", "Model", "Processor", "SmolVLMConfig", "SmolVLMError"]
+__all__ = [
+    "CheckpointError", "ConfigError", "InputError", "Model", "Processor", "SmolVLM", "SmolVLMConfig", "SmolVLMError",
+    "load",
+]
 
 _LAZY = {  # imported on first use (torch is heavy)
     "Model": "smolvlm.model",
     "Processor": "smolvlm.processing",
     "SmolVLMConfig": "smolvlm.config",
+    "SmolVLM": "smolvlm.api",
+    "load": "smolvlm.api",
 }
 
 

@@ -1,0 +1,117 @@
+"""The Python API: `vlm = smolvlm.load(...)`, then `vlm.generate(messages)`, `vlm.complete(...)`, `vlm.stream(...)`.
+
+Messages are chat turns as the processor reads them: `[{"role": "user", "content": [{"type": "image", "image": ...},
+{"type": "text", "text": "..."}]}]` (HF or OpenAI content blocks; images by path, URL, bytes, base64 or PIL), or
+plain string content. A bare string is one user message. A list of conversations is generated as one batch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from . import hub
+from .errors import InputError
+from .generation import Engine, GenerationResult, SamplingParams, end_token_ids, prepare
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"
+MAX_BATCH = 16  # conversations decoded together; more wait in the engine's queue for a free slot
+LEN_BLOCK = 256  # the KV cache length is rounded up to a multiple of this
+
+
+def load(
+    path_or_repo_id: str | os.PathLike = DEFAULT_MODEL,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    revision: str | None = None,
+    progress: bool = True,
+) -> SmolVLM:
+    """Load a checkpoint folder or hub repo id. dtype defaults to the checkpoint's own; device to CUDA if available,
+    else the CPU. Progress bars (downloads, loading) go to stderr."""
+    from .model import Model
+    from .processing import Processor
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with tqdm(total=3, desc=f"Loading {path_or_repo_id}", file=sys.stderr, disable=not progress, leave=False) as bar:
+        folder = hub.resolve(path_or_repo_id, revision=revision)
+        bar.update()
+        processor = Processor.from_pretrained(folder)
+        bar.update()
+        model = Model.from_pretrained(folder, dtype=dtype, device=device)
+        bar.update()
+    return SmolVLM(model, processor, end_token_ids(folder, processor.tokenizer))
+
+
+class SmolVLM:
+    """A loaded model with its processor. `generate` returns answers, `complete` the full results, `stream` pieces.
+    Not for concurrent use from several threads (a server drives an `Engine` from one loop thread instead)."""
+
+    def __init__(self, model, processor, end_ids: list[int]):
+        self.model, self.processor, self.end_ids = model, processor, end_ids
+        self.engine: Engine | None = None  # made on first use, remade larger when a call needs more room
+
+    def generate(self, messages, **params) -> str | list[str]:
+        """The answer text (greedy unless temperature > 0), or a list of them for a list of conversations.
+        Parameters: max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop."""
+        results = self.complete(messages, **params)
+        return [r.text for r in results] if isinstance(results, list) else results.text
+
+    def complete(self, messages, **params) -> GenerationResult | list[GenerationResult]:
+        """Like `generate`, with each answer's finish_reason ("stop"/"length"), token ids and token counts."""
+        batch, single = _as_batch(messages)
+        sampling = SamplingParams(**params)
+        prompts = [prepare(self.processor, conversation) for conversation in batch]
+        engine = self._engine(len(prompts), max(len(p) for p in prompts) + sampling.max_new_tokens)
+        results = engine.generate(prompts, sampling)
+        return results[0] if single else results
+
+    def stream(self, messages, **params) -> Iterator[str]:
+        """The answer to one conversation as text pieces (never a split character); they join to `generate`'s."""
+        batch, single = _as_batch(messages)
+        if not single:
+            raise InputError("stream() takes one conversation; use generate() for a list of them")
+        sampling = SamplingParams(**params)
+        prompt = prepare(self.processor, batch[0])
+        engine = self._engine(1, len(prompt) + sampling.max_new_tokens)
+        request_id = engine.add_request(prompt, sampling)
+        finished = False
+        try:
+            while not finished:
+                for out in engine.step():
+                    if out.request_id == request_id:
+                        finished = out.finished
+                        if out.text:
+                            yield out.text
+        finally:
+            if not finished:  # the caller stopped reading: free the slot
+                engine.abort(request_id)
+
+    def _engine(self, n: int, length: int) -> Engine:
+        """An engine with room for n rows of `length` tokens (the model's context at most)."""
+        limit = self.model.config.text_config.max_position_embeddings
+        batch, length = min(n, MAX_BATCH), min(-(-length // LEN_BLOCK) * LEN_BLOCK, limit)
+        if self.engine is None or self.engine.max_batch < batch or self.engine.max_len < length:
+            if self.engine is not None:
+                batch, length = max(batch, self.engine.max_batch), max(length, self.engine.max_len)
+            self.engine = None  # free the old cache before allocating the new one
+            self.engine = Engine(self.model, self.processor, self.end_ids, max_batch=batch, max_len=length)
+        return self.engine
+
+
+def _as_batch(messages) -> tuple[list, bool]:
+    """(list of conversations, whether one conversation was given)."""
+    if isinstance(messages, str):
+        return [[{"role": "user", "content": messages}]], True
+    if isinstance(messages, (list, tuple)) and messages:
+        if all(isinstance(m, dict) for m in messages):
+            return [list(messages)], True
+        if all(isinstance(c, (str, list, tuple)) for c in messages):
+            return [_as_batch(c)[0][0] for c in messages], False
+    raise InputError(
+        "messages must be a conversation (a non-empty list of {'role': ..., 'content': ...} dicts), a string, "
+        f"or a list of those; got {type(messages).__name__}"
+    )

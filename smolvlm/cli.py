@@ -1,0 +1,150 @@
+"""The `smolvlm` command: `smolvlm generate`, `smolvlm chat` (and the subcommands other modules register).
+
+A subcommand is a function `add(subparsers)` that adds its parser (with `model_options` / `sampling_options` if it
+loads a model) and sets `run=handler(args) -> exit code`; list it in COMMANDS as "module:function". Import heavy
+dependencies (fastapi, peft...) inside the handler, so other commands don't pay for them. Errors a user can cause
+(SmolVLMError) print one line on stderr and exit with code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import SmolVLMError
+
+COMMANDS = [
+    "smolvlm.cli:add_generate",
+    "smolvlm.cli:add_chat",
+    "smolvlm.serving.cli:add_serve",
+]
+
+CHAT_HELP = "/image PATH attaches an image to your next message, /reset clears the history, /quit exits"
+
+
+def model_options(parser: argparse.ArgumentParser) -> None:
+    """--model, --revision, --dtype, --device: shared by every command that loads a model."""
+    from .api import DEFAULT_MODEL
+
+    parser.add_argument("--model", "-m", default=DEFAULT_MODEL, help="checkpoint folder or hub repo id (default: %(default)s)")
+    parser.add_argument("--revision", help="hub revision (branch, tag or commit) of --model")
+    parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's own)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available, else cpu)")
+
+
+def sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int = 512) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="default: %(default)s")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, help="makes sampling reproducible")
+
+
+def add_generate(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="answer one prompt, streaming the answer to stdout")
+    p.add_argument("prompt")
+    p.add_argument("--image", "-i", action="append", default=[], help="an image path or URL (repeat for several)")
+    model_options(p)
+    sampling_options(p)
+    p.set_defaults(run=run_generate)
+
+
+def add_chat(subparsers) -> None:
+    p = subparsers.add_parser("chat", help=f"multi-turn chat in the terminal ({CHAT_HELP})")
+    model_options(p)
+    sampling_options(p)
+    p.set_defaults(run=run_chat)
+
+
+def _load(args):
+    from .api import load
+
+    return load(args.model, dtype=args.dtype, device=args.device, revision=args.revision)
+
+
+def _params(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+
+
+def _user(text: str, images: list[str]) -> dict:
+    return {"role": "user", "content": [{"type": "image", "image": i} for i in images] + [{"type": "text", "text": text}]}
+
+
+def _print_stream(pieces) -> str:
+    answer = ""
+    for piece in pieces:
+        answer += piece
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return answer
+
+
+def run_generate(args) -> int:
+    vlm = _load(args)
+    _print_stream(vlm.stream([_user(args.prompt, args.image)], **_params(args)))
+    return 0
+
+
+def run_chat(args) -> int:
+    vlm = _load(args)
+    tty = sys.stdin.isatty()
+    if tty:
+        print(f"Chatting with {args.model}: {CHAT_HELP}.", file=sys.stderr)
+    history: list[dict] = []
+    images: list[str] = []
+    while True:
+        try:
+            line = input("> " if tty else "")
+        except EOFError:
+            return 0
+        line = line.strip()
+        if line == "/quit":
+            return 0
+        if line == "/reset":
+            history, images = [], []
+            print("(history cleared)", file=sys.stderr)
+        elif line.startswith("/image"):
+            path = line[len("/image") :].strip()
+            if path:
+                images.append(path)
+                print(f"(image {path} attached to your next message)", file=sys.stderr)
+            else:
+                print("usage: /image PATH", file=sys.stderr)
+        elif line.startswith("/"):
+            print(f"unknown command {line.split()[0]}: {CHAT_HELP}", file=sys.stderr)
+        elif line:
+            turn = _user(line, images)
+            try:
+                answer = _print_stream(vlm.stream(history + [turn], **_params(args)))
+            except SmolVLMError as e:  # e.g. an unreadable image: say so and keep chatting without that turn
+                print(f"smolvlm: error: {e}", file=sys.stderr)
+            else:
+                history += [turn, {"role": "assistant", "content": [{"type": "text", "text": answer.strip()}]}]
+            images = []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smolvlm", description="Run the SmolVLM family of vision-language models.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for entry in COMMANDS:
+        module, function = entry.split(":")
+        getattr(importlib.import_module(module), function)(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except SmolVLMError as e:
+        print(f"smolvlm: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
