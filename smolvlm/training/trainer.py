@@ -1,0 +1,144 @@
+"""The training loop: micro-batches in a seeded order, gradient accumulation, clipping, AdamW with a warmup + decay
+schedule, eval loss at intervals, checkpoints, a tqdm progress bar and a JSONL log (output/log.jsonl)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..model import Model
+from ..processing import Processor
+from . import checkpoint
+from .data import BadRecord, Record, collate, encode, micro_batch
+from .loss import label_count, loss_sum
+from .options import FinetuneOptions
+
+
+def lr_factor(schedule: str, warmup: int, total: int):
+    """LambdaLR's multiplier: linear warmup over `warmup` steps, then cosine / linear decay to 0, or constant."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress if schedule == "linear" else 1.0
+
+    return factor
+
+
+class Trainer:
+    def __init__(self, model: Model, processor: Processor, records: list[Record], eval_records: list[Record] | None,
+                 options: FinetuneOptions, total_steps: int):
+        self.model, self.processor, self.options = model, processor, options
+        self.records, self.eval_records = records, eval_records
+        self.total_steps = total_steps
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        fused = model.device.type in ("cpu", "cuda")  # one kernel for all parameters: several times faster
+        self.optimizer = torch.optim.AdamW(self.params, lr=options.lr, weight_decay=options.weight_decay, fused=fused)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_factor(options.lr_schedule, options.warmup_steps, total_steps))
+        self.output = Path(options.output)
+        self.log_path = self.output / "log.jsonl"
+        self.skipped: dict[str, str] = {}  # record -> why, for records that failed to encode
+        self.last_loss: float | None = None
+        self.last_eval: float | None = None
+
+    # -- data --
+
+    def _batch(self, records: list[Record], indices: list[int]) -> dict | None:
+        """The collated batch of these records on the model's device (None if every one of them is bad)."""
+        examples = []
+        for i in indices:
+            try:
+                examples.append(encode(records[i], self.processor))
+            except BadRecord as e:
+                if not self.options.skip_bad_records:
+                    raise
+                if records[i].source not in self.skipped:
+                    self.skipped[records[i].source] = str(e)
+                    tqdm.write(f"smolvlm finetune: skipping {e}", file=sys.stderr)
+        if not examples:
+            return None
+        batch = collate(examples, self.processor.pad_token_id)
+        return {k: v if v is None else v.to(self.model.device) for k, v in batch.items()}
+
+    # -- loop --
+
+    def run(self, start_step: int) -> None:
+        o = self.options
+        self._trim_log(start_step)
+        bar = tqdm(total=self.total_steps, initial=start_step, desc="finetune", unit="step", disable=not o.progress,
+                   file=sys.stderr, dynamic_ncols=True)
+        self.model.train()
+        for step in range(start_step, self.total_steps):
+            began = time.perf_counter()
+            batches = [b for k in range(o.grad_accum) if (b := self._batch(
+                self.records, micro_batch(len(self.records), o.batch_size, o.seed, step * o.grad_accum + k)))]
+            count = sum(label_count(b) for b in batches)
+            total = torch.zeros((), device=self.model.device)
+            for batch in batches:
+                loss, _ = loss_sum(self.model, batch)
+                (loss / count).backward()  # token-weighted over the whole accumulation window
+                total += loss.detach()
+            if count:
+                if o.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(self.params, o.max_grad_norm)
+                self.optimizer.step()
+            lr = self.scheduler.get_last_lr()[0]
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.last_loss = float(total) / max(count, 1)
+            tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+            speed = tokens / (time.perf_counter() - began)
+            self._log(step=step + 1, loss=round(self.last_loss, 6), lr=lr, tokens_per_s=round(speed, 1))
+            bar.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}", refresh=False)
+            bar.update(1)
+            done = step + 1 == self.total_steps
+            if self.eval_records and (done or (step + 1) % o.eval_every == 0):
+                self.last_eval = self.evaluate()
+                self._log(step=step + 1, eval_loss=round(self.last_eval, 6))
+                tqdm.write(f"step {step + 1}: eval loss {self.last_eval:.4f}", file=sys.stderr)
+            if not done and (step + 1) % o.save_every == 0:
+                checkpoint.save(self.output, step + 1, self.model, self.optimizer, self.scheduler, o)
+        bar.close()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean token loss over the eval records (in file order)."""
+        self.model.eval()
+        total, count = 0.0, 0
+        bs = self.options.batch_size
+        for start in range(0, len(self.eval_records), bs):
+            batch = self._batch(self.eval_records, list(range(start, min(start + bs, len(self.eval_records)))))
+            if batch is not None:
+                loss, n = loss_sum(self.model, batch)
+                total, count = total + float(loss), count + int(n)
+        self.model.train()
+        return total / max(count, 1)
+
+    # -- log --
+
+    def _log(self, **entry) -> None:
+        with self.log_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def _trim_log(self, step: int) -> None:
+        """Drop what a killed run logged after the checkpoint it resumes from (those steps run again)."""
+        if not self.log_path.is_file():
+            return
+        kept = []
+        for line in self.log_path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+                pass
+        self.log_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
