@@ -44,6 +44,8 @@ def add_generate(subparsers) -> None:
     p = subparsers.add_parser("generate", help="answer one prompt, streaming the answer to stdout")
     p.add_argument("prompt")
     p.add_argument("--image", "-i", action="append", default=[], help="an image path or URL (repeat for several)")
+    p.add_argument("--video", "-v", action="append", default=[],
+                   help="a video path or URL (repeat for several; SmolVLM2 checkpoints only)")
     model_options(p)
     sampling_options(p)
     p.set_defaults(run=run_generate)
@@ -66,8 +68,9 @@ def _params(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
 
 
-def _user(text: str, images: list[str]) -> dict:
-    return {"role": "user", "content": [{"type": "image", "image": i} for i in images] + [{"type": "text", "text": text}]}
+def _user(text: str, images: list[str], videos: list[str] = ()) -> dict:
+    media = [{"type": "image", "image": i} for i in images] + [{"type": "video", "video": v} for v in videos]
+    return {"role": "user", "content": media + [{"type": "text", "text": text}]}
 
 
 def _print_stream(pieces) -> str:
@@ -83,7 +86,7 @@ def _print_stream(pieces) -> str:
 
 def run_generate(args) -> int:
     vlm = _load(args)
-    _print_stream(vlm.stream([_user(args.prompt, args.image)], **_params(args)))
+    _print_stream(vlm.stream([_user(args.prompt, args.image, args.video)], **_params(args)))
     return 0
 
 
