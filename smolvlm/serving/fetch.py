@@ -72,8 +72,8 @@ class Fetcher:
         return APIError(f"{where}: {message}", 400, where, code)
 
     def _too_large(self, where: str, size: int | str) -> APIError:
-        return self._error(where, f"the file is {size} bytes; this server takes at most {self.limits.max_media_bytes} "
-                           "(--max-media-mb)", "media_too_large")
+        return self._error(where, f"the file is {size} bytes; this server takes at most "
+                           f"{self.limits.max_media_bytes} bytes (--max-media-mb)", "media_too_large")
 
     def _data(self, url: str, where: str) -> bytes:
         header, comma, payload = url.partition(",")

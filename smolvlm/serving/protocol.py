@@ -7,6 +7,7 @@ clear error rather than silently dropped. Extensions (as vLLM accepts them): top
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Literal
 
@@ -82,6 +83,34 @@ class ChatCompletionRequest(_Base):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
+class APIError(Exception):
+    """A request the server won't run, as the HTTP status and OpenAI error fields to send back."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.status, self.param, self.code, self.type = message, status, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def parse_request(body: bytes) -> ChatCompletionRequest:
+    """The JSON body as a validated request (APIError 400 naming the problem otherwise)."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise APIError(f"The request body is not valid JSON: {e}", 400, None, "invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(f"The request body must be a JSON object, got a JSON {type(data).__name__}", 400, None,
+                       "invalid_json")
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as e:
+        message, param = validation_error(e)
+        raise APIError(message, 400, param) from None
+
+
 UNSUPPORTED = {  # field -> why a non-default value is refused
     "n": "only n=1 is supported",
     "logprobs": "logprobs are not supported",
@@ -117,18 +146,6 @@ def _param(loc: tuple) -> str:
             param += f".{part}" if param else part
         last = part
     return param
-
-
-class APIError(Exception):
-    """A request the server won't run, as the HTTP status and OpenAI error fields to send back."""
-
-    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.message, self.status, self.param, self.code, self.type = message, status, param, code, type
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

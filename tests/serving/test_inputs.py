@@ -1,0 +1,43 @@
+"""Sampling parameters from a request: defaults, the max_tokens limit and the context."""
+
+import re
+
+import pytest
+
+from smolvlm.serving.inputs import sampling_params
+from smolvlm.serving.limits import Limits
+from smolvlm.serving.protocol import APIError, ChatCompletionRequest
+
+LIMITS = Limits(max_tokens=100)
+
+
+def params(prompt_tokens=10, context=200, **fields):
+    request = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "Hi"}], **fields})
+    return sampling_params(request, prompt_tokens, context, LIMITS)
+
+
+def test_defaults_are_greedy_and_fill_the_room_up_to_the_limit():
+    p = params()
+    assert (p.temperature, p.top_p, p.top_k, p.min_p, p.repetition_penalty, p.seed, p.stop) == (0, 1, 0, 0, 1, None, ())
+    assert p.max_new_tokens == 100  # the server's --max-tokens
+    assert params(prompt_tokens=150).max_new_tokens == 50  # what is left of the context
+
+
+def test_request_fields_reach_the_sampler():
+    p = params(max_completion_tokens=7, temperature=0.5, top_p=0.9, top_k=40, min_p=0.05, repetition_penalty=1.2,
+               seed=3, stop="END")
+    assert (p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.min_p, p.repetition_penalty, p.seed, p.stop) == (
+        7, 0.5, 0.9, 40, 0.05, 1.2, 3, ("END",))
+    assert params(max_tokens=9, stop=["a", "b"]).stop == ("a", "b")
+
+
+@pytest.mark.parametrize("fields, prompt_tokens, param, code, message", [
+    ({}, 200, "messages", "context_length_exceeded", "maximum context length is 200 tokens, but the messages hold 200"),
+    ({"max_tokens": 101}, 10, "max_tokens", None, "at most 100 tokens per request"),
+    ({"max_completion_tokens": 101}, 10, "max_completion_tokens", None, "max_completion_tokens = 101 is too large"),
+    ({"max_tokens": 100}, 150, "max_tokens", "context_length_exceeded", "you requested 250 tokens (150 in the messages"),
+])  # fmt: skip
+def test_refusals(fields, prompt_tokens, param, code, message):
+    with pytest.raises(APIError, match=re.escape(message)) as e:
+        params(prompt_tokens=prompt_tokens, **fields)
+    assert (e.value.status, e.value.param, e.value.code) == (400, param, code)
