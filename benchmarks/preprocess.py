@@ -32,16 +32,18 @@ def photo(width: int, height: int, seed: int = 0) -> Image.Image:
 
 
 def timed(fns: dict, reps: int) -> tuple[dict, dict]:
-    """Median and best seconds per function, and their outputs; the functions take turns each rep, so a machine
-    whose load changes during the run slows them alike."""
+    """Per function: median wall seconds, best wall seconds, median CPU seconds (this process, which a busy machine
+    inflates less), and the last output. The functions take turns each rep, so load changes slow them alike."""
     outputs = {name: fn() for name, fn in fns.items()}  # warm-up
-    times = {name: [] for name in fns}
+    wall, cpu = {name: [] for name in fns}, {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             outputs[name] = fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(t), min(t)) for name, t in times.items()}, outputs
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    stats = {name: (statistics.median(wall[name]), min(wall[name]), statistics.median(cpu[name])) for name in fns}
+    return stats, outputs
 
 
 def main() -> None:
@@ -68,10 +70,13 @@ def main() -> None:
                 "ours": lambda: ours([[load_image(source)]]).pixel_values,
             }, args.reps)
             assert torch.equal(outputs["reference"], outputs["ours"]), "pixel_values differ from the reference"
-            (ref_med, ref_min), (our_med, our_min) = stats["reference"], stats["ours"]
-            print(f"  {kind:9}  reference {ref_med * 1e3:6.0f} ms (best {ref_min * 1e3:4.0f})   "
-                  f"ours {our_med * 1e3:6.0f} ms (best {our_min * 1e3:4.0f})   speed-up x{ref_med / our_med:.2f} "
-                  f"median, x{ref_min / our_min:.2f} best   {tuple(outputs['ours'].shape)} bit-identical")
+            for name in ("reference", "ours"):
+                med, best, cpu = stats[name]
+                print(f"  {kind:9}  {name:9}  wall {med * 1e3:5.0f} ms median, {best * 1e3:5.0f} ms best   "
+                      f"CPU {cpu * 1e3:5.0f} ms")
+            ratios = [stats["reference"][i] / stats["ours"][i] for i in range(3)]
+            print(f"  {kind:9}  speed-up   x{ratios[0]:.2f} median wall, x{ratios[1]:.2f} best wall, x{ratios[2]:.2f} "
+                  f"CPU; pixel_values {tuple(outputs['ours'].shape)} bit-identical")
 
 if __name__ == "__main__":
     main()
