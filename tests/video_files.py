@@ -38,7 +38,8 @@ class VideoSpec:
 # 66 s (the 1-second skip at both ends), videos under 1 s, an NTSC rate, containers with and without a frame count in
 # their header (MP4/AVI vs Matroska/WebM), portrait and landscape frames, several codecs.
 SPECS = {
-    "clock_25fps_4s.mp4": VideoSpec(64, 48, 25, 100, options={"preset": "medium", "x264-params": "keyint=12:bframes=3"}),
+    "clock_25fps_4s.mp4": VideoSpec(64, 48, 25, 100,
+                                    options={"preset": "medium", "x264-params": "keyint=12:bframes=3"}),
     "shapes_30fps_70s.mp4": VideoSpec(64, 48, 30, 2100, options={"preset": "ultrafast", "x264-params": "keyint=60"}),
     "colours_10fps_120s.avi": VideoSpec(48, 32, 10, 1200, codec="mpeg4", gop=25),
     "short_30fps_0.67s.mp4": VideoSpec(64, 48, 30, 20, options={"preset": "medium"}),

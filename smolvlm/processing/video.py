@@ -194,7 +194,8 @@ def video_prompt(video: Video, num_frames: int, image_block: str) -> str:
     unsplit image prompt (`<fake_token_around_image><global-img><image>*N<fake_token_around_image>`).
     """
     duration = timedelta(seconds=int(video.metadata.duration))
-    text = f"You are provided the following series of {num2words(num_frames)} frames from a {duration} [H:MM:SS] video.\n"
+    count = num2words(num_frames)
+    text = f"You are provided the following series of {count} frames from a {duration} [H:MM:SS] video.\n"
     for t in video.timestamps:
         text += f"\nFrame from {int(t // 60):02d}:{int(t % 60):02d}:" + image_block
     return text + "\n\n"
@@ -217,7 +218,8 @@ def expand_videos(processor, texts: list[str] | None, videos, fps: float | None 
         counts = [t.count(VIDEO_TOKEN) for t in texts]
         raise InputError(f"Found {counts} {VIDEO_TOKEN} tokens per prompt but no videos were passed")
     batch = _video_layout(videos, texts)
-    loaded = [[_load(source, b, j, fps, max_frames) for j, source in enumerate(sample)] for b, sample in enumerate(batch)]
+    loaded = [[_load(source, b, j, fps, max_frames) for j, source in enumerate(sample)]
+              for b, sample in enumerate(batch)]
     frames = [[load_image(frame) for video in sample for frame in video.frames] for sample in loaded]
     size = {"longest_edge": sampling.video_size} if sampling.video_size else None  # None: the image size
     pixels = processor.image_processor.with_overrides(size=size, do_image_splitting=False)(frames)

@@ -142,7 +142,8 @@ def _index(container, stream, name: str) -> tuple[list[int] | None, list[int], V
     if total == 0:
         raise InputError(f"{name} has a video stream with zero frames")
     if stream.frames > total:
-        raise InputError(f"{name} is truncated: its header says {stream.frames} frames but only {total} are in the file")
+        raise InputError(f"{name} is truncated: its header says {stream.frames} frames but only {total} are in "
+                         "the file")
     rate = stream.average_rate or stream.guessed_rate
     if not rate:
         raise InputError(f"{name}: the video stream has no frame rate")

@@ -1,4 +1,5 @@
-"""Frame sampling, the video prompt, frames you decoded yourself, and where videos come from (smolvlm/processing/video.py)."""
+"""Frame sampling, the video prompt, frames you decoded yourself, and where videos come from
+(smolvlm/processing/video.py)."""
 
 from __future__ import annotations
 

@@ -91,7 +91,8 @@ def test_decode_counts_frames_when_header_has_none(videos, name, fps, max_frames
 
     video = load_video(videos[name], fps=fps, max_frames=max_frames)
     assert n == SPECS[name].frames
-    assert (video.metadata.total_num_frames, video.metadata.fps, video.metadata.duration) == (n, meta.fps, meta.duration)
+    got = video.metadata
+    assert (got.total_num_frames, got.fps, got.duration) == (n, meta.fps, meta.duration)
     assert video.indices == indices
     assert_frames_equal(video.frames, [all_frames[i] for i in indices])
 
@@ -120,8 +121,8 @@ def test_prompt_matches_reference(videos, name, fps, max_frames):
 
     _, meta = reference_read(videos[name], fps, max_frames)
     video = load_video(videos[name], fps=fps, max_frames=max_frames)
-    tokens = dict(fake_image_token="<fake_token_around_image>", image_token="<image>", global_image_token="<global-img>")
-    ref = SimpleNamespace(image_seq_len=3, **tokens)
+    ref = SimpleNamespace(image_seq_len=3, fake_image_token="<fake_token_around_image>", image_token="<image>",
+                          global_image_token="<global-img>")
     block = _prompt_single_image(3, "<fake_token_around_image>", "<image>", "<global-img>")
     for frames_announced in (len(video.frames), len(video.frames) + 5):  # + 5: a longer video padded the batch
         inputs = {"pixel_values": torch.zeros(1, frames_announced, 3, 1, 1), "video_metadata": [meta]}
@@ -166,7 +167,8 @@ def test_raw_stream_without_timestamps(tmp_path):
     all_frames, _ = decode_all(path)
     video = load_video(path, fps=2, max_frames=64)
     assert (video.metadata.total_num_frames, video.metadata.fps, video.metadata.duration) == (80, 25.0, 3.2)
-    assert video.indices == reference_sampler(2, 64)(VideoMetadata(total_num_frames=80, fps=25.0, duration=3.2)).tolist()
+    expected = reference_sampler(2, 64)(VideoMetadata(total_num_frames=80, fps=25.0, duration=3.2))
+    assert video.indices == expected.tolist()
     assert_frames_equal(video.frames, [all_frames[i] for i in video.indices])
 
 

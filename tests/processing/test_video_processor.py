@@ -181,7 +181,8 @@ def test_errors(tiny_pair, videos, tmp_path):
         (dict(text="<video><video>", videos=[clip]), r"2 <video> tokens \(\[2\] per prompt\) but 1 videos"),
         (dict(text=["<video>", "x"], videos=[[clip], [clip]]), r"found \[1, 0\] <video> tokens and \[1, 1\] videos"),
         (dict(text="<video>", videos=[image]), r"VideoFrames\(frames, fps\)"),
-        (dict(text="<video>", videos=[np.zeros((3, 8, 8, 3), np.uint8)]), r"holding ndarray.*VideoFrames\(frames, fps\)"),
+        (dict(text="<video>", videos=[np.zeros((3, 8, 8, 3), np.uint8)]),
+         r"holding ndarray.*VideoFrames\(frames, fps\)"),
         (dict(text="<video>", videos=[clip], fps=0), "fps must be > 0"),
         (dict(text="<video>", videos=[str(tmp_path / "gone.mp4")]), r"Sample 0, video 0: Video file not found: .*gone"),
     ]
