@@ -24,8 +24,7 @@ class TextPart(_Base):
 
 
 class URL(_Base):
-    url: str
-    detail: str | None = None  # OpenAI's image detail hint; the image processor decides the tiling
+    url: str  # OpenAI's image "detail" hint is ignored: the image processor decides the tiling
 
 
 class ImagePart(_Base):
@@ -44,7 +43,10 @@ Part = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 class Message(_Base):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | Annotated[list[Part], Field(min_length=1)]
-    name: str | None = None
+
+
+class TextFormat(_Base):
+    type: Literal["text"]
 
 
 class StreamOptions(_Base):
@@ -60,11 +62,13 @@ class ChatCompletionRequest(_Base):
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)] | None = None
     seed: int | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: Literal[1] = 1
+    n: Literal[1] | None = 1
     logprobs: Literal[False] | None = None
     tools: Annotated[list, Field(max_length=0)] | None = None
+    response_format: TextFormat | None = None
+    logit_bias: Annotated[dict, Field(max_length=0)] | None = None
     frequency_penalty: Literal[0] | None = None
     presence_penalty: Literal[0] | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None
@@ -115,6 +119,8 @@ UNSUPPORTED = {  # field -> why a non-default value is refused
     "n": "only n=1 is supported",
     "logprobs": "logprobs are not supported",
     "tools": "tool calling is not supported",
+    "response_format": "only response_format {'type': 'text'} is supported",
+    "logit_bias": "logit_bias is not supported",
     "frequency_penalty": "frequency_penalty is not supported (use repetition_penalty)",
     "presence_penalty": "presence_penalty is not supported (use repetition_penalty)",
 }
@@ -124,9 +130,9 @@ def validation_error(e: ValidationError) -> tuple[str, str | None]:
     """(message, param) for the most specific problem pydantic found; param is its path, e.g. messages[0].content."""
     errors = [(_param(err["loc"]), err) for err in e.errors(include_url=False)]
     param, err = max(errors, key=lambda pe: pe[0].count(".") + pe[0].count("["))  # the deepest union branch
-    field = param.split(".")[-1].split("[")[0]
+    field = param.split(".")[0].split("[")[0]  # the top-level field
     if field in UNSUPPORTED:
-        return f"{param}: {UNSUPPORTED[field]}", param
+        return f"{field}: {UNSUPPORTED[field]}", field
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "union_tag_not_found":
         message = "a content part needs a 'type': 'text', 'image_url' or 'video_url'"

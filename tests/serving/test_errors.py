@@ -74,6 +74,10 @@ CASES = {
     "part_without_url": (chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]), 400,
                          None, "messages[0].content[0].image_url.url", "Field required"),
     "n_above_one": (chat(n=2), 400, None, "n", "only n=1 is supported"),
+    "json_mode": (chat(response_format={"type": "json_object"}), 400, None, "response_format",
+                  "only response_format {'type': 'text'} is supported"),
+    "tools": (chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, None, "tools",
+              "tool calling is not supported"),
     "zero_max_tokens": (chat(max_tokens=0), 400, None, "max_tokens", "greater than or equal to 1"),
     "max_tokens_over_limit": (chat(max_tokens=MAX_TOKENS + 1), 400, None, "max_tokens",
                               f"at most {MAX_TOKENS} tokens per request (--max-tokens)"),
@@ -188,7 +192,7 @@ def test_unknown_routes_and_methods(server):
 
 def test_unknown_fields_are_ignored(server):
     body = chat(response_format={"type": "text"}, user="someone", future_option=[1, 2], frequency_penalty=0,
-                logprobs=False, messages=[{"role": "user", "content": [{"type": "text", "text": "Hi", "cache": 1}],
+                logprobs=False, n=None, stream=None, logit_bias={}, tool_choice="none", messages=[{"role": "user", "content": [{"type": "text", "text": "Hi", "cache": 1}],
                                            "name": "me", "extra": True}])
     response = server.http.post("/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
