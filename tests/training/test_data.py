@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import assistant, conversations, user, write_jsonl
+from finetune_data import assistant, conversations, user, write_jsonl
 from PIL import Image
 
 from smolvlm.errors import InputError
