@@ -1,7 +1,10 @@
 """Helpers for the fine-tuning tests: JSONL writing and a small set of conversations covering the chat format."""
 
+import argparse
 import json
 from pathlib import Path
+
+from smolvlm.training.cli import add_finetune
 
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -32,3 +35,11 @@ def conversations() -> list[dict]:
                       assistant("A red square.")]},
         {"messages": [{"role": "user", "content": "Count to three."}, assistant("1 2 3")]},
     ]
+
+
+def finetune_cli(*argv: str) -> int:
+    """`smolvlm finetune ARGV` in this process (the subcommand as smolvlm/cli.py registers it)."""
+    parser = argparse.ArgumentParser()
+    add_finetune(parser.add_subparsers())
+    args = parser.parse_args(["finetune", *argv])
+    return args.run(args)

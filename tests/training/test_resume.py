@@ -1,7 +1,6 @@
 """A run killed mid-training (SIGKILL, in a subprocess) and resumed with --resume ends with exactly the weights, losses
 and eval losses of the same run never interrupted."""
 
-import argparse
 import json
 import subprocess
 import sys
@@ -9,22 +8,15 @@ import time
 
 import pytest
 import torch
+from finetune_data import finetune_cli
 from safetensors.torch import load_file
 
 from smolvlm import InputError
-from smolvlm.training.cli import add_finetune
 
 # `smolvlm finetune` as its own program (smolvlm/cli.py registers the same parser), on one thread like the tests.
 PROGRAM = ("import argparse, sys, torch; torch.set_num_threads(1); from smolvlm.training.cli import add_finetune; "
            "p = argparse.ArgumentParser(); add_finetune(p.add_subparsers()); a = p.parse_args(sys.argv[1:]); "
            "sys.exit(a.run(a))")
-
-
-def finetune_cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    add_finetune(parser.add_subparsers())
-    args = parser.parse_args(["finetune", *argv])
-    return args.run(args)
 
 
 def history(output) -> list[dict]:
