@@ -36,7 +36,8 @@ def load(
     from .processing import Processor
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    with tqdm(total=3, desc=f"Loading {path_or_repo_id}", file=sys.stderr, disable=not progress, leave=False) as bar:
+    # disable=None: shown on a terminal only, so logs and pipes get no bar fragments
+    with tqdm(total=3, desc=f"Loading {path_or_repo_id}", file=sys.stderr, disable=None if progress else True, leave=False) as bar:
         folder = hub.resolve(path_or_repo_id, revision=revision)
         bar.update()
         processor = Processor.from_pretrained(folder)

@@ -122,8 +122,11 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
         params = self.params[rows]
         logits = logits / self.temperature[rows, None]
-        if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+        if any(p.top_p < 1.0 for p in params):
             logits = self._top_k_top_p(logits, rows)
+        elif any(p.top_k > 0 for p in params):  # top-k alone needs no full sort of the vocabulary
+            k_max = max(p.top_k for p in params)
+            logits = logits.masked_fill(logits < self._kth(logits.topk(k_max).values, rows), -torch.inf)
         if any(p.min_p > 0 for p in params):
             probs = logits.softmax(dim=-1)
             logits = logits.masked_fill(probs < self.min_p[rows, None] * probs.amax(dim=-1, keepdim=True), -torch.inf)
@@ -135,16 +138,19 @@ class Sampler:
                 q[row].exponential_(generator=gen)
         return (probs / q).argmax(dim=-1)
 
+    def _kth(self, descending: torch.Tensor, rows: slice) -> torch.Tensor:
+        """[n, 1] each row's top_k-th largest logit (-inf where top_k is off), from logits sorted descending; as in
+        transformers, logits below it are dropped (ties with it stay)."""
+        top_k = self.top_k[rows, None]
+        kth = descending.gather(1, (top_k.clamp(1, descending.shape[-1]) - 1))
+        return kth.masked_fill(top_k == 0, -torch.inf)
+
     def _top_k_top_p(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
-        """Keep each row's top_k largest logits, then its smallest set of tokens with probability >= top_p."""
-        vocab = logits.shape[-1]
-        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [n, V]
-        rank = torch.arange(vocab, device=logits.device)
-        top_k = self.top_k[rows]
-        outside_k = rank >= torch.where(top_k > 0, top_k, vocab)[:, None]  # [n, V]
-        probs = sorted_logits.masked_fill(outside_k, -torch.inf).softmax(dim=-1)
+        """Drop logits below each row's top_k-th, then keep the smallest set of tokens with probability >= top_p."""
+        descending, order = logits.sort(dim=-1, descending=True)  # [n, V]
+        descending = descending.masked_fill(descending < self._kth(descending, rows), -torch.inf)
+        probs = descending.softmax(dim=-1)
         # transformers drops a token when the probability of all tokens *below* it is <= 1 - top_p, i.e. when the
         # probability of all tokens *above* it is >= top_p; the top token always stays.
-        above = probs.cumsum(dim=-1) - probs
-        remove = outside_k | (above >= self.top_p[rows, None])
+        remove = (probs.cumsum(dim=-1) - probs >= self.top_p[rows, None]) | (descending == -torch.inf)
         return logits.masked_fill(remove.scatter(1, order, remove), -torch.inf)
