@@ -18,6 +18,7 @@ COMMANDS = [
     "smolvlm.cli:add_generate",
     "smolvlm.cli:add_chat",
     "smolvlm.serving.cli:add_serve",
+    "smolvlm.training.cli:add_finetune",
 ]
 
 CHAT_HELP = "/image PATH attaches an image to your next message, /reset clears the history, /quit exits"
