@@ -78,37 +78,42 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=start_step, desc="finetune", unit="step", disable=not o.progress,
                    file=sys.stderr, dynamic_ncols=True)
         self.model.train()
-        for step in range(start_step, self.total_steps):
+        for step in range(start_step + 1, self.total_steps + 1):  # 1-based: the number of steps done after it
             began = time.perf_counter()
-            batches = [b for k in range(o.grad_accum) if (b := self._batch(
-                self.records, micro_batch(len(self.records), o.batch_size, o.seed, step * o.grad_accum + k)))]
-            count = sum(label_count(b) for b in batches)
-            total = torch.zeros((), device=self.model.device)
-            for batch in batches:
-                loss, _ = loss_sum(self.model, batch)
-                (loss / count).backward()  # token-weighted over the whole accumulation window
-                total += loss.detach()
-            if count:
-                if o.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(self.params, o.max_grad_norm)
-                self.optimizer.step()
             lr = self.scheduler.get_last_lr()[0]
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.last_loss = float(total) / max(count, 1)
-            tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+            self.last_loss, tokens = self._step(step)
             speed = tokens / (time.perf_counter() - began)
-            self._log(step=step + 1, loss=round(self.last_loss, 6), lr=lr, tokens_per_s=round(speed, 1))
+            self._log(step=step, loss=round(self.last_loss, 6), lr=lr, tokens_per_s=round(speed, 1))
             bar.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}", refresh=False)
             bar.update(1)
-            done = step + 1 == self.total_steps
-            if self.eval_records and (done or (step + 1) % o.eval_every == 0):
+            done = step == self.total_steps
+            if self.eval_records and (done or step % o.eval_every == 0):
                 self.last_eval = self.evaluate()
-                self._log(step=step + 1, eval_loss=round(self.last_eval, 6))
-                tqdm.write(f"step {step + 1}: eval loss {self.last_eval:.4f}", file=sys.stderr)
-            if not done and (step + 1) % o.save_every == 0:
-                checkpoint.save(self.output, step + 1, self.model, self.optimizer, self.scheduler, o)
+                self._log(step=step, eval_loss=round(self.last_eval, 6))
+                tqdm.write(f"step {step}: eval loss {self.last_eval:.4f}", file=sys.stderr)
+            if not done and step % o.save_every == 0:
+                checkpoint.save(self.output, step, self.model, self.optimizer, self.scheduler, o)
         bar.close()
+
+    def _step(self, step: int) -> tuple[float, int]:
+        """One optimizer step over micro-batches (step - 1) * grad_accum ...; (mean token loss, tokens seen)."""
+        o = self.options
+        first = (step - 1) * o.grad_accum
+        batches = [b for k in range(o.grad_accum)
+                   if (b := self._batch(self.records, micro_batch(len(self.records), o.batch_size, o.seed, first + k)))]
+        count = sum(label_count(b) for b in batches)
+        total = torch.zeros((), device=self.model.device)
+        for batch in batches:
+            loss, _ = loss_sum(self.model, batch)
+            (loss / count).backward()  # token-weighted over the whole accumulation window
+            total += loss.detach()
+        if count:  # (0 only when every record of the step was bad and skipped)
+            if o.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, o.max_grad_norm)
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(total) / max(count, 1), sum(int(b["attention_mask"].sum()) for b in batches)
 
     @torch.no_grad()
     def evaluate(self) -> float:

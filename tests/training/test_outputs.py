@@ -41,7 +41,8 @@ def run(tiny, dataset, output, **options):
 
 
 def test_full_finetune_is_a_released_checkpoint(tiny_v2, dataset, tmp_path, inputs):
-    result = run(tiny_v2, dataset, tmp_path / "out", full=True, lr=1e-3, freeze_vision=True, eval=str(dataset))
+    result = run(tiny_v2, dataset, tmp_path / "out", full=True, lr=1e-3, freeze_vision=True, eval=str(dataset),
+                 gradient_checkpointing=True)
     out = result.output
     assert result.adapter is None and result.eval_loss is not None and result.train_loss is not None
     assert not (out / "checkpoints").exists()  # a finished run leaves the model, not its checkpoints
@@ -68,7 +69,8 @@ def test_bfloat16_training_writes_bfloat16(tiny_v2, dataset, tmp_path):
 def test_lora_adapter_merge_and_both_loaders(tiny_v2, dataset, tmp_path, inputs):
     from peft import PeftModel
 
-    result = run(tiny_v2, dataset, tmp_path / "out", lora_r=4, lr=1e-2, lora_targets="text,connector,vision", merge=True)
+    result = run(tiny_v2, dataset, tmp_path / "out", lora_r=4, lr=1e-2, lora_targets="text,connector,vision", merge=True,
+                 gradient_checkpointing=True)
     out, adapter = result.output, result.adapter
     assert adapter == out / "adapter"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
