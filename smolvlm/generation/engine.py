@@ -193,6 +193,14 @@ class Engine:
             prompt = prepare(self.processor, prompt)
         if len(prompt) >= self.max_len:
             raise InputError(f"The prompt has {len(prompt)} tokens; this engine holds at most {self.max_len - 1}")
+        config = self.model.config
+        n_frames = 0 if prompt.pixel_values is None else prompt.pixel_values.shape[0]
+        n_tokens = int((prompt.input_ids == config.image_token_id).sum())
+        if n_tokens != n_frames * config.image_seq_len:  # refused here, not in a step shared with other requests
+            raise InputError(
+                f"The prompt has {n_tokens} image tokens but {n_frames} image frames x {config.image_seq_len} tokens "
+                f"= {n_frames * config.image_seq_len}; build it with the processor, and don't truncate it"
+            )
         with self.lock:
             request_id = str(next(self.ids)) if request_id is None else request_id
             if any(r.id == request_id for r in itertools.chain(self.waiting, self.running)):

@@ -132,6 +132,16 @@ def test_the_cache_length_ends_a_request_and_too_long_prompts_are_refused(v2):
         v2.engine(max_len=len(prompt)).add_request(prompt)
 
 
+def test_prompts_whose_image_tokens_and_frames_disagree_are_refused_when_added(v2):
+    engine = v2.engine()
+    two = v2.prompt("Two images", n_images=2)
+    cut = type(two)(two.input_ids[:-30], two.pixel_values, two.pixel_attention_mask)  # truncated into an image
+    for bad in [cut, type(two)(two.input_ids, two.pixel_values[:1], two.pixel_attention_mask[:1])]:
+        with pytest.raises(InputError, match="image tokens"):
+            engine.add_request(bad)
+    assert not engine.has_unfinished()
+
+
 def test_abort_frees_the_slot_and_the_others_continue(v2):
     engine = v2.engine(max_batch=2)
     a, b, c = v2.prompt("first"), v2.prompt("second", n_images=1), v2.prompt("third")
