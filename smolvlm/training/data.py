@@ -66,13 +66,13 @@ def read_jsonl(path: str | os.PathLike, processor: Processor,
     if not path.is_file():
         raise InputError(f"Data file {path} not found")
     records, bad = [], []
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             where = f"{path}, line {number}"
             try:
-                records.append(_record(line, where, path.parent, processor))
+                records.append(_record(raw, where, path.parent, processor))
             except BadRecord as e:
                 if not skip_bad_records:
                     raise
@@ -83,9 +83,12 @@ def read_jsonl(path: str | os.PathLike, processor: Processor,
     return records, bad
 
 
-def _record(line: str, where: str, base: Path, processor: Processor) -> Record:
+def _record(raw: bytes, where: str, base: Path, processor: Processor) -> Record:
     try:
+        line = raw.decode("utf-8")
         data = json.loads(line)
+    except UnicodeDecodeError as e:
+        raise BadRecord(f"{where}: not UTF-8 text (byte {e.start + 1} is {raw[e.start:e.start + 1]!r})") from e
     except json.JSONDecodeError as e:
         raise BadRecord(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
     if not isinstance(data, dict) or not isinstance(data.get("messages"), list):

@@ -140,6 +140,10 @@ def test_bad_records_are_named_by_line(processor, dataset):
         with pytest.raises(BadRecord) as e:
             read_jsonl(path, processor)
         assert str(e.value).startswith(f"{path}, line 4: ") and why in str(e.value), str(e.value)
+    path = dataset.parent / "latin1.jsonl"
+    path.write_bytes(json.dumps(good).encode() + b"\n" + json.dumps(good).replace("Red", "R\u00e9d").encode("latin-1"))
+    with pytest.raises(BadRecord, match=r"latin1.jsonl, line 2: not UTF-8 text"):
+        read_jsonl(path, processor)
 
 
 def test_skip_bad_records_counts_them(processor, dataset):
