@@ -43,7 +43,7 @@ def kill_after_checkpoint(argv: list[str], output, step: int) -> None:
 def test_resume_after_kill_equals_uninterrupted(kind, tiny_v2, dataset, tmp_path):
     # 4 records in micro-batches of 3 (the second one short), 2 per step: every step is a new epoch, reshuffled.
     argv = ["--model", str(tiny_v2), "--data", str(dataset), "--eval", str(dataset), "--steps", "30",
-            "--batch-size", "3", "--grad-accum", "2", "--save-every", "2", "--eval-every", "5", "--seed", "7",
+            "--batch-size", "3", "--grad-accum", "2", "--save-every", "4", "--eval-every", "5", "--seed", "7",
             "--lr", "1e-3", "--warmup-steps", "3", "--no-progress"]
     argv += ["--full"] if kind == "full" else ["--lora-r", "4", "--lora-dropout", "0.2", "--lora-targets", "text,vision"]
     weights = "model.safetensors" if kind == "full" else "adapter_model.safetensors"
