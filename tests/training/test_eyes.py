@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from smolvlm import Model
 from smolvlm.processing import Processor
 from smolvlm.training import finetune
-from tiny import make_tiny_checkpoint
+from tiny import make_tiny_checkpoint, needs_shared
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 40), "yellow": (230, 210, 30)}
 QUESTION = "What colour is the shape?"
@@ -51,6 +51,7 @@ def eyes_checkpoint(tmp_path_factory):
     return folder
 
 
+@needs_shared
 def test_eyes(eyes_checkpoint, tmp_path):
     rng = np.random.default_rng(0)
     names = list(COLOURS)

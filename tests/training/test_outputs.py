@@ -2,6 +2,8 @@
 with the same logits), LoRA adapters in peft's format (loaded onto either model), and only the adapters trained."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from safetensors.torch import load_file
 from smolvlm import InputError, Model
 from smolvlm.processing import Processor
 from smolvlm.training import finetune
+from tiny import make_tiny_checkpoint, needs_shared
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +112,27 @@ def test_lora_without_merge_writes_the_adapter(tiny_v2, dataset, tmp_path):
     assert (out / "tokenizer.json").is_file()  # the processor files travel with the adapter
     with pytest.raises(InputError, match="already holds a fine-tuned model"):
         run(tiny_v2, dataset, out)
+
+
+def test_full_finetuning_never_imports_transformers_or_peft(tiny_v2, dataset, tmp_path):
+    """peft (and with it transformers) is imported only for LoRA."""
+    code = ("import sys, torch; torch.set_num_threads(1); from smolvlm.training import finetune; "
+            f"finetune(model={str(tiny_v2)!r}, data={str(dataset)!r}, output={str(tmp_path / 'out')!r}, full=True, "
+            "steps=1, progress=False); assert not {'transformers', 'peft'} & set(sys.modules), 'imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@needs_shared
+def test_tied_embeddings_stay_tied(tmp_path, dataset):
+    tied = make_tiny_checkpoint(tmp_path / "tied", tie_word_embeddings=True)
+    out = finetune(model=str(tied), data=str(dataset), output=str(tmp_path / "out"), full=True, steps=2, lr=1e-3,
+                   progress=False).output
+    written = load_file(out / "model.safetensors")
+    assert "lm_head.weight" not in written  # as save_pretrained writes a tied head
+    assert not torch.equal(written["model.text_model.embed_tokens.weight"],
+                           load_file(tied / "model.safetensors")["model.text_model.embed_tokens.weight"])
+    processor = Processor.from_pretrained(out)
+    inputs = processor.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=True)
+    torch.testing.assert_close(logits(Model.from_pretrained(out), inputs), logits(reference(out), inputs),
+                               rtol=1e-4, atol=1e-4)
