@@ -77,7 +77,7 @@ def finetune(options: FinetuneOptions | None = None, **kwargs) -> FinetuneResult
     else:
         adapter = output / "adapter" if o.merge else output
         copy_processor_files(folder, adapter)
-        save_adapter(peft_model, adapter)  # adapter_config.json last: it marks a finished run
+        save_adapter(peft_model, adapter)  # writes adapter_config.json last (without --merge it marks a finished run)
         if o.merge:
             save_released(merge(peft_model), output, folder)
     shutil.rmtree(output / checkpoint.FOLDER, ignore_errors=True)  # the run is complete: nothing left to resume
