@@ -31,15 +31,17 @@ def test_greedy_matches_reference_text_and_images(family, request):
         assert ours == tiny.reference_greedy([prompt], N)[0]
 
 
-def test_batch_matches_reference_left_padded_batch_and_single_runs(v2):
+@pytest.mark.parametrize("family", ["v2", "v1"])
+def test_batch_matches_reference_left_padded_batch_and_single_runs(family, request):
+    tiny = request.getfixturevalue(family)
     prompts = [
-        v2.prompt("Hi"),  # text only, short
-        v2.prompt("Describe both images in detail please.", n_images=2, seed=3),  # longer, two images
-        v2.prompt("And this one?", n_images=1, seed=4),
+        tiny.prompt("Hi"),  # text only, short
+        tiny.prompt("Describe both images in detail please.", n_images=2, seed=3),  # longer, two images
+        tiny.prompt("And this one?", n_images=1, seed=4),
     ]
-    engine = v2.engine()
+    engine = tiny.engine()
     batch = tokens(engine, prompts)
-    assert batch == v2.reference_greedy(prompts, N)
+    assert batch == tiny.reference_greedy(prompts, N)
     assert batch == [tokens(engine, [p])[0] for p in prompts]
     assert len({tuple(t) for t in batch}) == 3
 
