@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import ConfigError, InputError
 from ..model.kv_cache import KVCache
@@ -194,6 +193,12 @@ class Engine:
         if len(prompt) >= self.max_len:
             raise InputError(f"The prompt has {len(prompt)} tokens; this engine holds at most {self.max_len - 1}")
         config = self.model.config
+        side = config.vision_config.image_size
+        if prompt.pixel_values is not None and tuple(prompt.pixel_values.shape[1:]) != (3, side, side):
+            raise InputError(
+                f"Image frames of shape {list(prompt.pixel_values.shape[1:])}: the model takes [3, {side}, {side}] "
+                "(the checkpoint's processor settings make those)"
+            )
         n_frames = 0 if prompt.pixel_values is None else prompt.pixel_values.shape[0]
         n_tokens = int((prompt.input_ids == config.image_token_id).sum())
         if n_tokens != n_frames * config.image_seq_len:  # refused here, not in a step shared with other requests
@@ -250,15 +255,12 @@ class Engine:
 
     def _image_features(self, requests: list[Request]) -> torch.Tensor | None:
         """Features of the image frames of `requests`, all tiles encoded as one batch: [n_frames * N, D]."""
-        frames = [(r.prompt.pixel_values, r.prompt.pixel_attention_mask) for r in requests if r.prompt.pixel_values is not None]
+        frames = [r.prompt for r in requests if r.prompt.pixel_values is not None]
         if not frames:
             return None
-        h = max(p.shape[-2] for p, _ in frames)
-        w = max(p.shape[-1] for p, _ in frames)
-        # Frames of different requests may differ in size (no image splitting): zero-pad as the processor pads a batch.
-        pixels = torch.cat([F.pad(p, (0, w - p.shape[-1], 0, h - p.shape[-2])) for p, _ in frames])  # [I, 3, H, W]
-        masks = torch.cat([F.pad(m, (0, w - m.shape[-1], 0, h - m.shape[-2])) for _, m in frames])  # [I, H, W]
-        return self.model.get_image_features(pixels[None].to(self.device), masks[None].to(self.device))
+        pixels = torch.cat([p.pixel_values for p in frames])[None].to(self.device)  # [1, I, 3, S, S]
+        masks = torch.cat([p.pixel_attention_mask for p in frames])[None].to(self.device)  # [1, I, S, S]
+        return self.model.get_image_features(pixels, masks)
 
     def _rows(self, start: int) -> KVCache:
         """The cache seen from row `start` on (KVCache writes rows 0..B-1), sharing its storage."""

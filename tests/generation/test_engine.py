@@ -134,13 +134,16 @@ def test_the_cache_length_ends_a_request_and_too_long_prompts_are_refused(v2):
         v2.engine(max_len=len(prompt)).add_request(prompt)
 
 
-def test_prompts_whose_image_tokens_and_frames_disagree_are_refused_when_added(v2):
+def test_prompts_the_model_cannot_take_are_refused_when_added(v2):
     engine = v2.engine()
     two = v2.prompt("Two images", n_images=2)
     cut = type(two)(two.input_ids[:-30], two.pixel_values, two.pixel_attention_mask)  # truncated into an image
     for bad in [cut, type(two)(two.input_ids, two.pixel_values[:1], two.pixel_attention_mask[:1])]:
         with pytest.raises(InputError, match="image tokens"):
             engine.add_request(bad)
+    wide = type(two)(two.input_ids, two.pixel_values[..., :48], two.pixel_attention_mask[..., :48])
+    with pytest.raises(InputError, match=r"\[3, 64, 64\]"):
+        engine.add_request(wide)
     assert not engine.has_unfinished()
 
 
