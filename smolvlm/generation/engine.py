@@ -147,7 +147,9 @@ class Engine:
 
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
         """Queue a conversation (messages, or a `Prompt`); return its id. Raises InputError for unusable input."""
-        return self._add(prompt, params, request_id).id
+        request = self._request(prompt, params, request_id)
+        self._queue([request])
+        return request.id
 
     def abort(self, request_id: str) -> None:
         """Drop a request at the next step (it gets no further output). Unknown ids are ignored."""
@@ -165,8 +167,12 @@ class Engine:
         Returns what each request produced; a request appears with finish_reason set once, then never again."""
         with self.lock:
             aborted, self.aborted = self.aborted, set()
-            self.waiting = deque(r for r in self.waiting if r.id not in aborted)
-        self._leave([r for r in self.running if r.id in aborted])
+            dropped = [r for r in itertools.chain(self.waiting, self.running) if r.id in aborted]
+            if dropped:
+                self.waiting = deque(r for r in self.waiting if r.id not in aborted)
+        for r in dropped:
+            r.finish_reason = "abort"
+        self._leave([r for r in dropped if r.slot >= 0])
         outputs = self._decode() if self.running else []
         with self.lock:
             new = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.max_batch - len(self.running)))]
@@ -178,15 +184,16 @@ class Engine:
         params = params if isinstance(params, list) else [params] * len(batch)
         if len(params) != len(batch):
             raise InputError(f"Got {len(params)} sampling parameters for {len(batch)} conversations")
-        prompts = [p if isinstance(p, Prompt) else prepare(self.processor, p) for p in batch]  # all inputs checked first
-        requests = [self._add(prompt, p) for prompt, p in zip(prompts, params)]
+        requests = [self._request(item, p) for item, p in zip(batch, params)]  # all checked before any is queued
+        self._queue(requests)
         while any(r.finish_reason is None for r in requests):
             self.step()
         return [r.result() for r in requests]
 
     # ---- internals ----
 
-    def _add(self, prompt, params: SamplingParams | None, request_id: str | None = None) -> Request:
+    def _request(self, prompt, params: SamplingParams | None, request_id: str | None = None) -> Request:
+        """A request for `prompt` (messages or a Prompt), checked; not queued yet."""
         params = params or SamplingParams()
         if not isinstance(prompt, Prompt):
             prompt = prepare(self.processor, prompt)
@@ -206,13 +213,17 @@ class Engine:
                 f"The prompt has {n_tokens} image tokens but {n_frames} image frames x {config.image_seq_len} tokens "
                 f"= {n_frames * config.image_seq_len}; build it with the processor, and don't truncate it"
             )
+        request_id = str(next(self.ids)) if request_id is None else request_id
+        return Request(request_id, prompt, params, Detokenizer(self.processor.tokenizer, params.stop))
+
+    def _queue(self, requests: list[Request]) -> None:
         with self.lock:
-            request_id = str(next(self.ids)) if request_id is None else request_id
-            if any(r.id == request_id for r in itertools.chain(self.waiting, self.running)):
-                raise InputError(f"Request id {request_id!r} is already in use")
-            request = Request(request_id, prompt, params, Detokenizer(self.processor.tokenizer, params.stop))
-            self.waiting.append(request)
-        return request
+            taken = {r.id for r in itertools.chain(self.waiting, self.running)}
+            for r in requests:
+                if r.id in taken:
+                    raise InputError(f"Request id {r.id!r} is already in use")
+                taken.add(r.id)
+            self.waiting.extend(requests)
 
     def _decode(self) -> list[StepOutput]:
         n = len(self.running)

@@ -150,23 +150,33 @@ def test_prompts_the_model_cannot_take_are_refused_when_added(v2):
 def test_abort_frees_the_slot_and_the_others_continue(v2):
     engine = v2.engine(max_batch=2)
     a, b, c = v2.prompt("first"), v2.prompt("second", n_images=1), v2.prompt("third")
-    engine.add_request(a, GREEDY, request_id="a")
-    engine.add_request(b, GREEDY, request_id="b")
-    engine.add_request(c, GREEDY, request_id="c")  # waits for a slot
-    got = {"a": [], "b": [], "c": []}
+    for rid, prompt in [("a", a), ("b", b), ("c", c), ("d", a)]:  # c and d wait for a slot
+        engine.add_request(prompt, GREEDY, request_id=rid)
+    got = {rid: [] for rid in "abcd"}
     for i in range(60):
         if i == 3:
-            engine.abort("a")
+            engine.abort("a")  # running
+            engine.abort("d")  # still queued
         for out in engine.step():
             got[out.request_id] += out.token_ids
         if not engine.has_unfinished():
             break
-    assert len(got["a"]) == 3
+    assert len(got["a"]) == 3 and got["d"] == []
     assert got["b"] == tokens(v2.engine(), [b])[0]
     assert got["c"] == tokens(v2.engine(), [c])[0]
     engine.add_request(a, request_id="x")
     with pytest.raises(InputError, match="already in use"):
         engine.add_request(a, request_id="x")
+
+
+def test_a_batch_with_one_bad_prompt_queues_nothing(v2):
+    engine = v2.engine(max_len=64)
+    bad = v2.prompt("too many tokens " * 40)
+    with pytest.raises(InputError, match="prompt has"):
+        engine.generate([v2.prompt("fine"), bad])
+    with pytest.raises(InputError, match="2 sampling parameters for 1"):
+        engine.generate([bad], [GREEDY, GREEDY])
+    assert not engine.has_unfinished()
 
 
 def test_requests_added_from_another_thread(v2):
