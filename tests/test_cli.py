@@ -126,3 +126,14 @@ def test_bad_checkpoint_images_and_options(tiny_v2, tmp_path, capsys):
     with pytest.raises(SystemExit) as usage:
         cli.main(["generate"])
     assert usage.value.code == 2 and "usage: smolvlm generate" in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tiny_v2):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smolvlm.cli", "generate", "-m", str(tiny_v2), "--max-new-tokens", "2000", "Go on"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert proc.stdout.read(5)
+    proc.stdout.close()  # like `| head -c 5`
+    assert proc.wait(timeout=120) == 141
+    assert proc.stderr.read() == b""

@@ -65,6 +65,9 @@ class StepOutput:
 
 @dataclass
 class GenerationResult:
+    """A finished request. finish_reason: "stop" (an end token or a stop string), "length" (max_new_tokens or the
+    cache row full) or "abort"."""
+
     request_id: str
     text: str
     token_ids: list[int]  # every generated token, the end token included
