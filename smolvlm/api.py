@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import os
 import sys
+import uuid
 from collections.abc import Iterator
 
 import torch
 from tqdm.auto import tqdm
 
 from . import hub
-from .errors import InputError
-from .generation import Engine, GenerationResult, SamplingParams, end_token_ids, prepare
+from .errors import InputError, SmolVLMError
+from .generation import Engine, GenerationResult, SamplingParams, StepOutput, end_token_ids, prepare
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"
 MAX_BATCH = 16  # conversations decoded together; more wait in the engine's queue for a free slot
@@ -49,11 +50,13 @@ def load(
 
 class SmolVLM:
     """A loaded model with its processor. `generate` returns answers, `complete` the full results, `stream` pieces.
-    Not for concurrent use from several threads (a server drives an `Engine` from one loop thread instead)."""
+    Calls may interleave (a stream left open while `generate` runs keeps its pieces), but not from several threads:
+    a server drives an `Engine` from one loop thread instead."""
 
     def __init__(self, model, processor, end_ids: list[int]):
         self.model, self.processor, self.end_ids = model, processor, end_ids
         self.engine: Engine | None = None  # made on first use, remade larger when a call needs more room
+        self.unread: dict[str, list[StepOutput]] = {}  # outputs of this object's open requests, not yet read
 
     def generate(self, messages, **params) -> str | list[str]:
         """The answer text (greedy unless temperature > 0), or a list of them for a list of conversations.
@@ -64,10 +67,15 @@ class SmolVLM:
     def complete(self, messages, **params) -> GenerationResult | list[GenerationResult]:
         """Like `generate`, with each answer's finish_reason ("stop"/"length"), token ids and token counts."""
         batch, single = _as_batch(messages)
-        sampling = SamplingParams(**params)
-        prompts = [prepare(self.processor, conversation) for conversation in batch]
-        engine = self._engine(len(prompts), max(len(p) for p in prompts) + sampling.max_new_tokens)
-        results = engine.generate(prompts, sampling)
+        engine, ids = self._start(batch, SamplingParams(**params))
+        results = []
+        for request_id in ids:  # all run together; reading one steps the others too
+            outputs = list(self._outputs(engine, request_id))
+            last = outputs[-1]
+            results.append(GenerationResult(
+                request_id, "".join(o.text for o in outputs), [t for o in outputs for t in o.token_ids],
+                last.finish_reason, last.prompt_tokens, last.completion_tokens,
+            ))  # fmt: skip
         return results[0] if single else results
 
     def stream(self, messages, **params) -> Iterator[str]:
@@ -75,31 +83,59 @@ class SmolVLM:
         batch, single = _as_batch(messages)
         if not single:
             raise InputError("stream() takes one conversation; use generate() for a list of them")
-        sampling = SamplingParams(**params)
-        prompt = prepare(self.processor, batch[0])
-        engine = self._engine(1, len(prompt) + sampling.max_new_tokens)
-        request_id = engine.add_request(prompt, sampling)
-        finished = False
+        engine, (request_id,) = self._start(batch, SamplingParams(**params))
         try:
-            while not finished:
-                for out in engine.step():
-                    if out.request_id == request_id:
-                        finished = out.finished
-                        if out.text:
-                            yield out.text
+            for out in self._outputs(engine, request_id):
+                if out.text:
+                    yield out.text
         finally:
-            if not finished:  # the caller stopped reading: free the slot
+            if self.unread.pop(request_id, None) is not None:  # the caller stopped reading: free the slot
                 engine.abort(request_id)
 
+    def _start(self, batch: list, sampling: SamplingParams) -> tuple[Engine, list[str]]:
+        """Queue the conversations (all checked first) on an engine with room for them."""
+        prompts = [prepare(self.processor, conversation) for conversation in batch]
+        engine = self._engine(len(prompts), max(len(p) for p in prompts) + sampling.max_new_tokens)
+        ids = []
+        try:
+            for prompt in prompts:
+                ids.append(engine.add_request(prompt, sampling, request_id=uuid.uuid4().hex))
+                self.unread[ids[-1]] = []
+        except SmolVLMError:
+            for request_id in ids:
+                engine.abort(request_id)
+                del self.unread[request_id]
+            raise
+        return engine, ids
+
+    def _outputs(self, engine: Engine, request_id: str) -> Iterator[StepOutput]:
+        """`request_id`'s outputs until it finishes, stepping the engine when none are waiting."""
+        while True:
+            while not self.unread[request_id]:
+                for out in engine.step():
+                    if out.request_id in self.unread:
+                        self.unread[out.request_id].append(out)
+            out = self.unread[request_id].pop(0)
+            if out.finished:
+                del self.unread[request_id]
+            yield out
+            if out.finished:
+                return
+
     def _engine(self, n: int, length: int) -> Engine:
-        """An engine with room for n rows of `length` tokens (the model's context at most)."""
+        """An engine with room for n rows of `length` tokens (the model's context at most). The shared one grows
+        when idle; a call that doesn't fit while streams are open on it gets one of its own."""
         limit = self.model.config.text_config.max_position_embeddings
         batch, length = min(n, MAX_BATCH), min(-(-length // LEN_BLOCK) * LEN_BLOCK, limit)
-        if self.engine is None or self.engine.max_batch < batch or self.engine.max_len < length:
-            if self.engine is not None:
-                batch, length = max(batch, self.engine.max_batch), max(length, self.engine.max_len)
-            self.engine = None  # free the old cache before allocating the new one
-            self.engine = Engine(self.model, self.processor, self.end_ids, max_batch=batch, max_len=length)
+        engine = self.engine
+        if engine is not None and engine.max_batch >= batch and engine.max_len >= length:
+            return engine
+        if engine is not None and engine.has_unfinished():
+            return Engine(self.model, self.processor, self.end_ids, max_batch=batch, max_len=length)
+        if engine is not None:
+            batch, length = max(batch, engine.max_batch), max(length, engine.max_len)
+        self.engine = engine = None  # free the old cache before allocating the new one
+        self.engine = Engine(self.model, self.processor, self.end_ids, max_batch=batch, max_len=length)
         return self.engine
 
 

@@ -73,6 +73,18 @@ def test_stream_pieces_join_to_the_answer(vlm):
     assert "".join(vlm.stream(conversation, **sampled)) == vlm.generate(conversation, **sampled)
 
 
+def test_calls_may_interleave_with_an_open_stream(vlm):
+    a, b = user("First conversation", picture(7)), user("Second one")
+    expected_a, expected_b = vlm.generate(a, max_new_tokens=N), vlm.generate(b, max_new_tokens=N)
+    stream = vlm.stream(a, max_new_tokens=N)
+    pieces = [next(stream)]
+    assert vlm.generate(b, max_new_tokens=N) == expected_b  # steps the open stream too: its pieces are kept
+    longer = vlm.engine.max_len + 100  # doesn't fit the engine the stream is using: a separate one serves it
+    assert vlm.complete(b, max_new_tokens=longer).text.startswith(expected_b)
+    pieces += list(stream)
+    assert "".join(pieces) == expected_a
+
+
 def test_a_stream_left_early_frees_its_slot(vlm):
     stream = vlm.stream("A long story please", max_new_tokens=200)
     next(stream)
