@@ -18,6 +18,8 @@ from tqdm.auto import tqdm
 from . import hub
 from .errors import InputError, SmolVLMError
 from .generation import Engine, GenerationResult, SamplingParams, StepOutput, end_token_ids, prepare
+from .model import Model
+from .processing import Processor
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"
 MAX_BATCH = 16  # conversations decoded together; more wait in the engine's queue for a free slot
@@ -33,12 +35,11 @@ def load(
 ) -> SmolVLM:
     """Load a checkpoint folder or hub repo id. dtype defaults to the checkpoint's own; device to CUDA if available,
     else the CPU. Progress bars (downloads, loading) go to stderr."""
-    from .model import Model
-    from .processing import Processor
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # disable=None: shown on a terminal only, so logs and pipes get no bar fragments
-    with tqdm(total=3, desc=f"Loading {path_or_repo_id}", file=sys.stderr, disable=None if progress else True, leave=False) as bar:
+    disable = None if progress else True
+    bar = tqdm(total=3, desc=f"Loading {path_or_repo_id}", file=sys.stderr, disable=disable, leave=False)
+    with bar:
         folder = hub.resolve(path_or_repo_id, revision=revision)
         bar.update()
         processor = Processor.from_pretrained(folder)

@@ -29,7 +29,9 @@ def model_options(parser: argparse.ArgumentParser) -> None:
     """--model, --revision, --dtype, --device: shared by every command that loads a model."""
     from .api import DEFAULT_MODEL
 
-    parser.add_argument("--model", "-m", default=DEFAULT_MODEL, help="checkpoint folder or hub repo id (default: %(default)s)")
+    parser.add_argument(
+        "--model", "-m", default=DEFAULT_MODEL, help="checkpoint folder or hub repo id (default: %(default)s)"
+    )
     parser.add_argument("--revision", help="hub revision (branch, tag or commit) of --model")
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's own)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available, else cpu)")

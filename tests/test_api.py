@@ -32,7 +32,8 @@ def picture(seed, size=(90, 140)):
 
 
 def user(text, *images):
-    return [{"role": "user", "content": [*({"type": "image", "image": i} for i in images), {"type": "text", "text": text}]}]
+    images = [{"type": "image", "image": i} for i in images]
+    return [{"role": "user", "content": [*images, {"type": "text", "text": text}]}]
 
 
 def reference_answers(vlm, reference, conversations):

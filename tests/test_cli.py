@@ -41,7 +41,8 @@ def image(tmp_path_factory):
 
 
 def user(text, *images):
-    return {"role": "user", "content": [*({"type": "image", "image": str(i)} for i in images), {"type": "text", "text": text}]}
+    images = [{"type": "image", "image": str(i)} for i in images]
+    return {"role": "user", "content": [*images, {"type": "text", "text": text}]}
 
 
 def assistant(text):
@@ -49,9 +50,9 @@ def assistant(text):
 
 
 def test_generate_streams_the_api_answer(tiny_v2, vlm, image):
-    out = run("generate", "--model", tiny_v2, "--image", image, "--max-new-tokens", N, "Describe the picture.", script=True)
+    out = run("generate", "--model", tiny_v2, "--image", image, "--max-new-tokens", N, "Describe it.", script=True)
     assert out.returncode == 0, out.stderr
-    assert out.stdout == vlm.generate([user("Describe the picture.", image)], max_new_tokens=int(N)) + "\n"
+    assert out.stdout == vlm.generate([user("Describe it.", image)], max_new_tokens=int(N)) + "\n"
     assert "Traceback" not in out.stderr
 
 
@@ -104,7 +105,8 @@ def test_missing_folder_unknown_model_and_unreachable_hub(tmp_path):
     # offline: the hub can't be asked; the message says how to use a local folder instead
     one_error_line(run("chat", "--model", "nobody/no-such-model"), "nobody/no-such-model", "--model /path/to/folder")
     unreachable = run(
-        "generate", "--model", "nobody/no-such-model", "hi", env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+        "generate", "--model", "nobody/no-such-model", "hi",
+        env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"},  # nothing listens there
     )
     one_error_line(unreachable, "nobody/no-such-model", "can't be reached", "--model /path/to/folder")
 

@@ -181,8 +181,9 @@ class Engine:
             new = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.max_batch - len(self.running)))]
         return outputs + (self._prefill(new) if new else [])
 
-    def generate(self, batch: list, params: SamplingParams | list[SamplingParams] | None = None) -> list[GenerationResult]:
-        """Run conversations (or Prompts) to the end as one batch; results in the order given.
+    def generate(self, batch: list, params: SamplingParams | list | None = None) -> list[GenerationResult]:
+        """Run conversations (or Prompts) to the end as one batch, with one SamplingParams or one per conversation;
+        results in the order given.
         Meant for offline use: outputs of requests added by others meanwhile are dropped."""
         params = params if isinstance(params, list) else [params] * len(batch)
         if len(params) != len(batch):
@@ -234,7 +235,8 @@ class Engine:
         positions = self.pos[:n, None]  # [n, 1]
         mask = (torch.arange(keys, device=self.device) <= positions)[:, None, None, :]  # [n, 1, 1, S]
         embeds = self.model.embed(self.last[:n, None])  # [n, 1, D]
-        hidden = self.model.model.text_model(embeds, positions, attn_mask=mask, cache=self.cache, cache_positions=positions)
+        text_model = self.model.model.text_model
+        hidden = text_model(embeds, positions, attn_mask=mask, cache=self.cache, cache_positions=positions)  # [n, 1, D]
         tokens = self.sampler(self.model.lm_head(hidden[:, -1]))  # [n]
         self.last[:n] = tokens
         self.pos[:n] += 1
