@@ -125,7 +125,7 @@ class Sampler:
         if any(p.top_p < 1.0 for p in params):
             logits = self._top_k_top_p(logits, rows)
         elif any(p.top_k > 0 for p in params):  # top-k alone needs no full sort of the vocabulary
-            k_max = max(p.top_k for p in params)
+            k_max = min(max(p.top_k for p in params), logits.shape[-1])
             logits = logits.masked_fill(logits < self._kth(logits.topk(k_max).values, rows), -torch.inf)
         if any(p.min_p > 0 for p in params):
             probs = logits.softmax(dim=-1)

@@ -139,6 +139,14 @@ def test_bad_parameters_name_the_field(kw, field):
         SamplingParams(**kw)
 
 
+def test_top_k_larger_than_the_vocabulary_keeps_everything():
+    torch.manual_seed(4)
+    logits = torch.randn(V)
+    params = SamplingParams(temperature=1.0, top_k=10 * V)
+    freq = torch.bincount(sample_many(logits, params), minlength=V).float() / 6000
+    assert torch.allclose(freq, logits.softmax(-1), atol=0.025)
+
+
 def test_stop_accepts_one_string():
     assert SamplingParams(stop="\n").stop == ("\n",)
     assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
