@@ -32,9 +32,11 @@ def load(
     device: str | torch.device | None = None,
     revision: str | None = None,
     progress: bool = True,
+    quantize: str | None = None,
 ) -> SmolVLM:
     """Load a checkpoint folder or hub repo id. dtype defaults to the checkpoint's own; device to CUDA if available,
-    else the CPU. Progress bars (downloads, loading) go to stderr."""
+    else the CPU. quantize="int8": int8 text-decoder weights (CPU). Progress bars (downloads, loading) go to stderr.
+    The model is fused for inference (`Model.fuse`); `vlm.model.unfuse()` gives back the HF module tree."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # disable=None: shown on a terminal only, so logs and pipes get no bar fragments
     disable = None if progress else True
@@ -44,7 +46,7 @@ def load(
         bar.update()
         processor = Processor.from_pretrained(folder)
         bar.update()
-        model = Model.from_pretrained(folder, dtype=dtype, device=device)
+        model = Model.from_pretrained(folder, dtype=dtype, device=device, quantize=quantize).fuse()
         bar.update()
     return SmolVLM(model, processor, end_token_ids(folder, processor.tokenizer))
 

@@ -26,7 +26,7 @@ CHAT_HELP = "/image PATH attaches an image to your next message, /reset clears t
 
 
 def model_options(parser: argparse.ArgumentParser) -> None:
-    """--model, --revision, --dtype, --device: shared by every command that loads a model."""
+    """--model, --revision, --dtype, --quantize, --device: shared by every command that loads a model."""
     from .api import DEFAULT_MODEL
 
     parser.add_argument(
@@ -34,6 +34,7 @@ def model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--revision", help="hub revision (branch, tag or commit) of --model")
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's own)")
+    parser.add_argument("--quantize", choices=["int8"], help="int8: int8 text-decoder weights, faster CPU decoding")
     parser.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available, else cpu)")
 
 
@@ -65,7 +66,7 @@ def add_chat(subparsers) -> None:
 def _load(args):
     from .api import load
 
-    return load(args.model, dtype=args.dtype, device=args.device, revision=args.revision)
+    return load(args.model, dtype=args.dtype, device=args.device, revision=args.revision, quantize=args.quantize)
 
 
 def _params(args) -> dict:

@@ -57,6 +57,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, Dh] rotated by cos, sin [B, T, Dh] (the reference's rotate-half RoPE)."""
+    cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, Dh]
+    return x * cos + rotate_half(x) * sin
+
+
 class Attention(nn.Module):
     def __init__(self, config: TextConfig, layer_idx: int):
         super().__init__()
@@ -71,19 +77,27 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.qkv_proj = None  # q/k/v as one FastLinear once fused for inference (Model.fuse)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, cache_positions):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, H_kv, T, Dh]
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, Dh]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        h, h_kv = self.n_heads, self.n_kv_heads
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x).view(b, t, h + 2 * h_kv, self.head_dim).transpose(1, 2)  # [B, H + 2 H_kv, T, Dh]
+            qk = apply_rope(qkv[:, : h + h_kv], cos, sin)  # q and k heads rotated together
+            q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + h_kv :]
+        else:
+            q = apply_rope(self.q_proj(x).view(b, t, h, self.head_dim).transpose(1, 2), cos, sin)  # [B, H, T, Dh]
+            k = apply_rope(self.k_proj(x).view(b, t, h_kv, self.head_dim).transpose(1, 2), cos, sin)  # [B, H_kv, T, Dh]
+            v = self.v_proj(x).view(b, t, h_kv, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.write(self.layer_idx, k, v, cache_positions)  # [B, H_kv, max_len, Dh]
             k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]  # the S attended positions
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        # Attention runs in the cache's dtype: an fp32 cache on the CPU (the engine's choice) makes batch-1 decoding
+        # attention ~9x faster than torch's bf16 CPU kernels, on the same bf16-rounded keys and values.
+        out = F.scaled_dot_product_attention(
+            q.to(k.dtype), k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+        ).to(x.dtype)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -93,8 +107,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = None  # gate/up as one FastLinear once fused for inference (Model.fuse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -144,7 +162,8 @@ class TextModel(nn.Module):
             if attn_mask is None:
                 keys = torch.arange(cache.max_len, device=cache_positions.device)
                 attn_mask = keys <= cache_positions[:, None, :, None]  # [B, 1, T, max_len]
-        mask = None if attn_mask is None else additive_mask(attn_mask, dtype)  # pad-only rows must not give NaN
+        attn_dtype = dtype if cache is None else cache.k.dtype  # attention runs in the cache's dtype
+        mask = None if attn_mask is None else additive_mask(attn_mask, attn_dtype)  # pad-only rows must not give NaN
         cos, sin = self.rotary_emb(position_ids, dtype)
         h = inputs_embeds
         for layer in self.layers:

@@ -15,6 +15,7 @@ from .. import hub
 from ..config import SmolVLMConfig
 from ..errors import InputError
 from ..weights import load_weights, resolve_device, resolve_dtype
+from . import fast
 from .connector import Connector
 from .text import TextModel, rope_inv_freq
 from .vision import VisionTransformer
@@ -47,13 +48,17 @@ class Model(nn.Module):
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         revision: str | None = None,
+        quantize: str | None = None,
     ) -> Model:
         """Load a checkpoint folder or hub repo id. `dtype` defaults to the checkpoint's own (fp32 if it names none);
-        `device` to the CPU. Weights go one by one straight to `device` in `dtype`."""
+        `device` to the CPU. Weights go one by one straight to `device` in `dtype`.
+
+        quantize="int8" returns the model fused for inference with int8 text-decoder weights (see `fuse`)."""
         folder = hub.resolve(path_or_repo_id, revision=revision)
         config = SmolVLMConfig.from_pretrained(folder)
         dtype = resolve_dtype(dtype, config.dtype)
         device = resolve_device(device)
+        fast.check_quantize(quantize, device)
         with torch.device("meta"):
             model = cls(config)
         tied = frozenset({"lm_head.weight"} if config.tie_word_embeddings else ())
@@ -62,15 +67,41 @@ class Model(nn.Module):
             model.lm_head.weight = model.model.text_model.embed_tokens.weight
         rotary = model.model.text_model.rotary_emb
         rotary.inv_freq = rope_inv_freq(rotary.theta, rotary.head_dim).to(device)  # computed, not loaded
-        return model.eval()
+        model.eval()
+        return model.fuse(quantize) if quantize else model
+
+    def fuse(self, quantize: str | None = None) -> Model:
+        """Make this model an inference model, in place; returns it. Fused q/k/v and gate/up projections, weights
+        reordered for the device's fastest kernels, and with quantize="int8" int8 text-decoder and lm_head weights
+        (smolvlm/model/fast.py). Outputs stay those of the plain model (int8: within its quantization error).
+        `unfuse()` gives back the HF layers; training, LoRA and `state_dict()` need the unfused model.
+        Fuse after moving the model to its device and dtype."""
+        fast.check_quantize(quantize, self.device)
+        fast.fuse(self, quantize)
+        return self
+
+    def unfuse(self) -> Model:
+        """Give back the HF module tree (q_proj, k_proj, ...) of a fused model, in place; returns it. Exact for
+        `fuse()`; after quantize="int8" the weights are the dequantized int8 ones."""
+        fast.unfuse(self)
+        return self
+
+    @property
+    def fused(self) -> bool:
+        return fast.is_fused(self)
+
+    def state_dict(self, *args, **kwargs):
+        if self.fused:
+            raise InputError("This model is fused for inference (Model.fuse); call model.unfuse() before state_dict()")
+        return super().state_dict(*args, **kwargs)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.text_model.embed_tokens.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.text_model.embed_tokens.weight.device
 
     def get_image_features(
         self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None

@@ -80,7 +80,7 @@ def run_serve(args) -> int:
         allow_file_urls=args.allow_file_urls,
     )
     api_key = args.api_key or os.environ.get("SMOLVLM_API_KEY") or None
-    vlm = load(args.model, dtype=args.dtype, device=args.device, revision=args.revision)
+    vlm = load(args.model, dtype=args.dtype, device=args.device, revision=args.revision, quantize=args.quantize)
     app = create_app(vlm, args.served_model_name or str(args.model), limits, args.max_batch, args.max_model_len,
                      api_key)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
