@@ -4,7 +4,7 @@ from .errors import CheckpointError, ConfigError, InputError, SmolVLMError
 
 __all__ = [
     "CheckpointError", "ConfigError", "InputError", "Model", "Processor", "SmolVLM", "SmolVLMConfig", "SmolVLMError",
-    "load",
+    "VideoFrames", "load", "load_image", "load_video",
 ]
 
 _LAZY = {  # imported on first use (torch is heavy)
@@ -13,6 +13,9 @@ _LAZY = {  # imported on first use (torch is heavy)
     "SmolVLMConfig": "smolvlm.config",
     "SmolVLM": "smolvlm.api",
     "load": "smolvlm.api",
+    "load_image": "smolvlm.processing.images",
+    "load_video": "smolvlm.processing.video",
+    "VideoFrames": "smolvlm.processing.video",
 }
 
 
