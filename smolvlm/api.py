@@ -46,7 +46,7 @@ def load(
         bar.update()
         processor = Processor.from_pretrained(folder)
         bar.update()
-        model = Model.from_pretrained(folder, dtype=dtype, device=device, quantize=quantize).fuse()
+        model = Model.from_pretrained(folder, dtype=dtype, device=device, fuse=True, quantize=quantize)
         bar.update()
     return SmolVLM(model, processor, end_token_ids(folder, processor.tokenizer))
 

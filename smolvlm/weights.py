@@ -106,10 +106,12 @@ def load_weights(
     dtype: torch.dtype,
     device: torch.device,
     skip: frozenset[str] = frozenset(),
+    defer: frozenset[str] = frozenset(),
 ) -> None:
     """Fill `module`'s parameters (built on the meta device) from the checkpoint in `folder`.
 
-    Keys in `skip` are neither required nor loaded (e.g. a tied lm_head.weight).
+    Keys in `skip` are neither required nor loaded (e.g. a tied lm_head.weight); keys in `defer` are checked but left
+    on the meta device (for `read_tensors`).
     """
     folder = Path(folder)
     files = weight_files(folder)
@@ -119,13 +121,30 @@ def load_weights(
         try:
             with safe_open(path, framework="pt", device=str(device)) as f:
                 for key in f.keys():
-                    if key in skip:
+                    if key in skip or key in defer:
                         continue
                     tensor = f.get_tensor(key)
                     _assign(module, key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
                     del tensor
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path}: can't read its tensors (truncated or corrupt?): {e}") from e
+
+
+def read_tensors(folder: str | Path, keys: list[str], dtype: torch.dtype, device: torch.device) -> dict:
+    """key -> tensor (floating point ones in `dtype`) for `keys` of the checkpoint in `folder` (already checked by
+    `load_weights`). The files are mapped only for this call, so the pages read don't stay resident after the caller
+    drops the tensors (loading maps the files for the model's lifetime; copying from there would keep both copies)."""
+    wanted = set(keys)
+    tensors = {}
+    for path in weight_files(Path(folder)):
+        try:
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                for key in wanted.intersection(f.keys()):
+                    tensor = f.get_tensor(key)
+                    tensors[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: can't read its tensors (truncated or corrupt?): {e}") from e
+    return tensors
 
 
 def _assign(root: nn.Module, key: str, tensor: torch.Tensor) -> None:

@@ -1,23 +1,28 @@
-"""Inference fast paths: fused projections, weights in the layout the device's kernels read fastest, int8.
+"""Inference fast paths: fused projections, weights in the layout the CPU's kernels read fastest, int8.
 
-`Model.fuse()` swaps the HF-named `nn.Linear` layers for `FastLinear`s, in place:
+`Model.fuse()` (and `Model.from_pretrained(..., fuse=True)`, which `smolvlm.load` uses) swaps HF-named `nn.Linear`
+layers for `FastLinear`s, in place:
 
-- q/k/v become one `qkv_proj` (text and vision), gate/up one `gate_up_proj`, the vision fc1 one `fc1_gelu` with its
-  GELU run inside the matmul: fewer, larger matrix products per layer.
-- On the CPU every weight is reordered once into oneDNN's blocked layout. torch's plain `F.linear` re-lays the weight
-  out on every call, which is what makes batch-1 decoding slow there: a reordered bf16 weight is read about twice as
-  fast (mkldnn `_linear_pointwise`, the kernel torch.compile's CPU freezing pass uses).
-- `quantize="int8"`: the text decoder's and lm_head's weights become int8 with one scale per output channel
-  (symmetric), run by fbgemm's dynamic-quantized matmul, which also quantizes each call's activations to 8 bits
-  (one scale per call) and reads half the bytes of bf16. The vision tower and connector keep the model's dtype.
+- Text decoder and lm_head (what batch-1 decoding reads every token): q/k/v become one `qkv_proj`, gate/up one
+  `gate_up_proj`, and on the CPU every weight is reordered once into oneDNN's blocked layout. torch's `F.linear`
+  re-lays a bf16 weight out on every call, which makes batch-1 decoding about twice as slow (mkldnn
+  `_linear_pointwise` on a reordered weight is what torch.compile's CPU freezing pass emits).
+- Vision tower and connector (large matmuls, compute-bound): on the CPU the same oneDNN call on the layer's own weight
+  (no copy), with the bias, and for fc1 the tanh GELU, applied inside the matmul (`fc1_gelu`).
+- `quantize="int8"`: the text decoder's and lm_head's weights become int8 with one symmetric scale per output
+  channel, run by fbgemm's dynamic-quantized matmul (x86 CPUs): it quantizes each call's activations to 8 bits (one
+  scale per call), multiplies in int8 and reads half the bytes of bf16. Vision and connector keep the model's dtype.
 
-`Model.unfuse()` gives back the HF module tree (exactly for an unquantized model; dequantized weights for int8), so
-training, LoRA and `state_dict()` always see the released checkpoint's names. A fused model is for inference only.
+The copies are made one layer at a time, so memory never holds two copies of the model; `from_pretrained` reads the
+weights it copies through their own short-lived file mapping, so the checkpoint's pages don't stay resident beside them.
+`Model.unfuse()` gives back the HF module tree (exactly; int8 weights come back dequantized), so training, LoRA and
+`state_dict()` see the released checkpoint's names. A fused model is for inference only.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,36 +32,50 @@ from ..errors import InputError
 
 QUANTIZE = ("int8",)
 
+# Module class name -> [(attribute set when fused, the HF layers it replaces, copied?, activation)].
+# Copied layers are concatenated and reordered (or quantized); the others keep their own weights (CPU only).
+# An attribute that is not one of its parts is None in the unfused model (e.g. Attention.qkv_proj).
+FUSIONS = {
+    "Attention": [("qkv_proj", ("q_proj", "k_proj", "v_proj"), True, None), ("o_proj", ("o_proj",), True, None)],
+    "MLP": [("gate_up_proj", ("gate_proj", "up_proj"), True, None), ("down_proj", ("down_proj",), True, None)],
+    "Model": [("lm_head", ("lm_head",), True, None)],
+    "VisionAttention": [(p, (p,), False, None) for p in ("q_proj", "k_proj", "v_proj", "out_proj")],
+    "VisionMLP": [("fc1_gelu", ("fc1",), False, "gelu_tanh"), ("fc2", ("fc2",), False, None)],
+    "ModalityProjection": [("proj", ("proj",), False, None)],
+}
+
 
 class FastLinear(nn.Module):
-    """One or more HF linear layers (`parts`, concatenated along the output) as one inference-only matmul.
+    """One or more HF linear layers (`parts`: name -> (weight [N_i, K], bias or None)) as one inference-only matmul
+    over their outputs concatenated.
 
-    kind: "mkldnn" (CPU, oneDNN-reordered weight), "int8" (CPU, fbgemm packed int8 weight + bias), "dense" (F.linear).
-    activation "gelu_tanh" applies the tanh GELU to the output (inside the matmul for "mkldnn").
+    kind: "reordered" (CPU: oneDNN blocked copy), "int8" (CPU: fbgemm packed int8), "view" (CPU: oneDNN on the layer's
+    own weight, one part), "dense" (F.linear on a concatenated copy). activation "gelu_tanh": GELU of the output.
     """
 
-    def __init__(self, linears: dict[str, nn.Linear], quantize: str | None = None, activation: str | None = None):
+    def __init__(self, parts: dict[str, tuple[torch.Tensor, torch.Tensor | None]], kind: str, activation=None):
         super().__init__()
-        first = next(iter(linears.values()))
-        self.parts = {name: layer.out_features for name, layer in linears.items()}  # for unfuse
-        self.activation = activation
-        self.dtype, self.device = first.weight.dtype, first.weight.device
+        weights = [w for w, _ in parts.values()]
+        biases = [b for _, b in parts.values()]
+        self.kind, self.activation = kind, activation
+        self.sizes = {name: w.shape[0] for name, (w, _) in parts.items()}  # for unfuse
+        self.dtype, self.device = weights[0].dtype, weights[0].device
+        self.in_features, self.out_features = weights[0].shape[1], sum(self.sizes.values())
         with torch.no_grad():
-            weight = torch.cat([layer.weight for layer in linears.values()])  # [N, K]
-            has_bias = first.bias is not None
-            bias = torch.cat([layer.bias for layer in linears.values()]) if has_bias else None
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        if quantize == "int8":
-            self.kind = "int8"
-            self.packed, self.bias = _pack_int8(weight.float(), None if bias is None else bias.float()), None
-        elif self.device.type == "cpu" and _mkldnn_ok(self.dtype):
-            self.kind = "mkldnn"
-            self.weight, self.bias = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None), bias
-        else:
-            self.kind, self.weight, self.bias = "dense", weight, bias
+            if kind == "view":
+                (self.weight, self.bias), = parts.values()
+                return
+            weight = torch.cat(weights) if len(weights) > 1 else weights[0]  # [N, K]
+            bias = None if biases[0] is None else torch.cat(biases) if len(biases) > 1 else biases[0]
+            if kind == "int8":
+                self.packed = _pack_int8(weight.float(), None if bias is None else bias.float())
+            elif kind == "reordered":
+                self.weight, self.bias = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None), bias
+            else:
+                self.weight, self.bias = weight, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "mkldnn":
+        if self.kind in ("reordered", "view"):
             attr, algorithm = ("gelu", "tanh") if self.activation else ("none", "")
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, attr, [], algorithm)
         if self.kind == "int8":
@@ -65,49 +84,46 @@ class FastLinear(nn.Module):
             y = F.linear(x, self.weight, self.bias)
         return F.gelu(y, approximate="tanh") if self.activation else y
 
-    def dense(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(weight [N, K], bias [N] or None) in the model's dtype; int8 weights come back dequantized."""
+    def unfuse(self) -> dict[str, nn.Linear]:
+        """The HF linear layers this one replaced, by name (int8 weights come back dequantized)."""
         if self.kind == "int8":
             weight, bias = torch.ops.quantized.linear_unpack(self.packed)
-            weight = weight.dequantize()
+            weight, bias = weight.dequantize().to(self.dtype), None if bias is None else bias.to(self.dtype)
         else:
-            weight, bias = (self.weight.to_dense() if self.kind == "mkldnn" else self.weight), self.bias
-        return weight.to(self.dtype), None if bias is None else bias.to(self.dtype)
-
-    def unfuse(self) -> dict[str, nn.Linear]:
-        """The HF linear layers this one replaced, by name, with their own weights."""
-        weight, bias = self.dense()
+            weight, bias = (self.weight.to_dense() if self.kind == "reordered" else self.weight), self.bias
+        sizes = list(self.sizes.values())
+        if len(sizes) == 1:  # the layer's own tensors (the same Parameters for "view")
+            weights, biases = [weight], [bias]
+        else:
+            weights = [w.clone() for w in weight.split(sizes)]
+            biases = [None] * len(sizes) if bias is None else [b.clone() for b in bias.split(sizes)]
         layers = {}
-        for (name, n), w, b in zip(
-            self.parts.items(),
-            weight.split(list(self.parts.values())),
-            bias.split(list(self.parts.values())) if bias is not None else [None] * len(self.parts),
-        ):
+        for (name, n), w, b in zip(self.sizes.items(), weights, biases):
             layer = nn.Linear(self.in_features, n, bias=b is not None, device="meta")
-            layer.weight = nn.Parameter(w.clone())
+            layer.weight = w if isinstance(w, nn.Parameter) else nn.Parameter(w)
             if b is not None:
-                layer.bias = nn.Parameter(b.clone())
+                layer.bias = b if isinstance(b, nn.Parameter) else nn.Parameter(b)
             layers[name] = layer
         return layers
 
     def extra_repr(self) -> str:
-        parts = "+".join(self.parts)
         act = f", {self.activation}" if self.activation else ""
-        return f"{parts}: {self.in_features} -> {self.out_features}, {self.kind} {str(self.dtype).removeprefix('torch.')}{act}"
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"{'+'.join(self.sizes)}: {self.in_features} -> {self.out_features}, {self.kind} {dtype}{act}"
 
 
-def _mkldnn_ok(dtype: torch.dtype) -> bool:
-    if not torch.backends.mkldnn.is_available():
+def _onednn_ok(dtype: torch.dtype, device: torch.device) -> bool:
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _pack_int8(weight: torch.Tensor, bias: torch.Tensor | None):
-    """fbgemm's packed form of `weight` [N, K] fp32 as int8 with per-output-channel symmetric scales."""
+    """fbgemm's packed form of `weight` [N, K] (fp32) as int8 with symmetric per-output-channel scales."""
     scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).double()  # [N]
     zero = torch.zeros(weight.shape[0], dtype=torch.long)
     with warnings.catch_warnings():
-        # torch 2.13 deprecates the quantized dtypes that fbgemm's packing takes; the kernel itself is unchanged.
+        # torch 2.13 deprecates the quantized dtypes that fbgemm's packing takes (pytorch#184982); the kernels stay.
         warnings.simplefilter("ignore", UserWarning)
         qweight = torch.quantize_per_channel(weight, scale, zero, 0, torch.qint8)
         return torch.ops.quantized.linear_prepack(qweight, bias)
@@ -128,29 +144,45 @@ def check_quantize(quantize: str | None, device: torch.device) -> None:
         )
 
 
-# Module class name -> (fused attribute, the HF layers it replaces, activation), and whether int8 applies to it.
-# A fused attribute that differs from its parts is None in the unfused model (e.g. Attention.qkv_proj).
-FUSIONS = {
-    "Attention": ([("qkv_proj", ("q_proj", "k_proj", "v_proj"), None), ("o_proj", ("o_proj",), None)], True),
-    "MLP": ([("gate_up_proj", ("gate_proj", "up_proj"), None), ("down_proj", ("down_proj",), None)], True),
-    "VisionAttention": ([("qkv_proj", ("q_proj", "k_proj", "v_proj"), None), ("out_proj", ("out_proj",), None)], False),
-    "VisionMLP": ([("fc1_gelu", ("fc1",), "gelu_tanh"), ("fc2", ("fc2",), None)], False),
-    "ModalityProjection": ([("proj", ("proj",), None)], False),
-    "Model": ([("lm_head", ("lm_head",), None)], True),
-}
+def copied_keys(model: nn.Module) -> set[str]:
+    """Checkpoint keys of the weights `fuse` copies (their layers' weight and bias keys)."""
+    keys = set()
+    for prefix, module in model.named_modules():
+        for _, parts, copied, _ in FUSIONS.get(type(module).__name__, []):
+            for name in parts if copied else ():
+                layer = getattr(module, name)
+                if isinstance(layer, nn.Linear):
+                    keys |= {f"{prefix}.{name}.{p}".lstrip(".") for p, _ in layer.named_parameters()}
+    return keys
 
 
-def fuse(model: nn.Module, quantize: str | None = None) -> None:
-    """Swap `model`'s HF linear layers for FastLinears (see the module docstring), in place, one layer at a time
-    (the old weights are freed as each is replaced, so memory never holds two copies of the model)."""
-    for module in list(model.modules()):
-        fusions, quantizable = FUSIONS.get(type(module).__name__, ([], False))
-        for attr, parts, activation in fusions:
-            layers = {name: getattr(module, name) for name in parts}
-            if any(not isinstance(layer, nn.Linear) for layer in layers.values()):
+def fuse(model: nn.Module, quantize: str | None = None, read: Callable[[list[str]], dict] | None = None) -> None:
+    """Swap `model`'s HF linear layers for FastLinears (see the module docstring), in place, one layer at a time.
+
+    read: a function giving the tensors of checkpoint keys (in the model's dtype and device); copied layers are read
+    through it instead of from their (then unloaded, meta) parameters.
+    """
+    for prefix, module in list(model.named_modules()):
+        for attr, names, copied, activation in FUSIONS.get(type(module).__name__, []):
+            layers = {name: getattr(module, name) for name in names}
+            if not all(isinstance(layer, nn.Linear) for layer in layers.values()):
                 continue  # already fused
-            fast = FastLinear(layers, quantize if quantizable else None, activation)
-            for name in parts:
+            if read is not None and copied:
+                keys = {name: f"{prefix}.{name}".lstrip(".") for name in names}
+                tensors = read([f"{k}.{p}" for name, k in keys.items() for p, _ in layers[name].named_parameters()])
+                parts = {name: (tensors[f"{k}.weight"], tensors.get(f"{k}.bias")) for name, k in keys.items()}
+            else:
+                parts = {name: (layer.weight, layer.bias) for name, layer in layers.items()}
+            weight = parts[names[0]][0]
+            if copied:
+                kind = "int8" if quantize else "reordered" if _onednn_ok(weight.dtype, weight.device) else "dense"
+            elif _onednn_ok(weight.dtype, weight.device):
+                kind = "view"
+            else:
+                continue  # keep the plain layer: nothing to gain without oneDNN
+            fast = FastLinear(parts, kind, activation)
+            del parts, layers
+            for name in names:
                 setattr(module, name, None)
             setattr(module, attr, fast)
 

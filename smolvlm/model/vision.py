@@ -52,15 +52,11 @@ class VisionAttention(nn.Module):
         d = config.hidden_size
         self.n_heads, self.head_dim = config.num_attention_heads, d // config.num_attention_heads
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
-        self.qkv_proj = None  # q/k/v as one FastLinear once fused for inference (Model.fuse)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         b, L, _ = x.shape
-        if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).view(b, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, H, L, Dh]
-        else:
-            shape = (b, L, self.n_heads, self.head_dim)
-            q, k, v = (p(x).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        shape = (b, L, self.n_heads, self.head_dim)
+        q, k, v = (p(x).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # bidirectional
         return self.out_proj(out.transpose(1, 2).reshape(b, L, -1))
 

@@ -14,7 +14,7 @@ from torch import nn
 from .. import hub
 from ..config import SmolVLMConfig
 from ..errors import InputError
-from ..weights import load_weights, resolve_device, resolve_dtype
+from ..weights import load_weights, read_tensors, resolve_device, resolve_dtype
 from . import fast
 from .connector import Connector
 from .text import TextModel, rope_inv_freq
@@ -48,12 +48,14 @@ class Model(nn.Module):
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         revision: str | None = None,
+        fuse: bool = False,
         quantize: str | None = None,
     ) -> Model:
         """Load a checkpoint folder or hub repo id. `dtype` defaults to the checkpoint's own (fp32 if it names none);
         `device` to the CPU. Weights go one by one straight to `device` in `dtype`.
 
-        quantize="int8" returns the model fused for inference with int8 text-decoder weights (see `fuse`)."""
+        fuse=True returns the model fused for inference (see `fuse`), reading the weights it copies straight into
+        their fused layout; quantize="int8" (implies fuse) with int8 text-decoder weights."""
         folder = hub.resolve(path_or_repo_id, revision=revision)
         config = SmolVLMConfig.from_pretrained(folder)
         dtype = resolve_dtype(dtype, config.dtype)
@@ -62,13 +64,22 @@ class Model(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         tied = frozenset({"lm_head.weight"} if config.tie_word_embeddings else ())
-        load_weights(model, folder, dtype, device, skip=tied)
-        if config.tie_word_embeddings:
+        copied = frozenset(fast.copied_keys(model)) if fuse or quantize else frozenset()
+        load_weights(model, folder, dtype, device, skip=tied, defer=copied)
+        if config.tie_word_embeddings and not copied:
             model.lm_head.weight = model.model.text_model.embed_tokens.weight
         rotary = model.model.text_model.rotary_emb
         rotary.inv_freq = rope_inv_freq(rotary.theta, rotary.head_dim).to(device)  # computed, not loaded
         model.eval()
-        return model.fuse(quantize) if quantize else model
+        if copied:
+            alias = {"lm_head.weight": "model.text_model.embed_tokens.weight"} if tied else {}
+
+            def read(keys):
+                tensors = read_tensors(folder, [alias.get(k, k) for k in keys], dtype, device)
+                return {k: tensors[alias.get(k, k)] for k in keys}
+
+            fast.fuse(model, quantize, read)
+        return model
 
     def fuse(self, quantize: str | None = None) -> Model:
         """Make this model an inference model, in place; returns it. Fused q/k/v and gate/up projections, weights

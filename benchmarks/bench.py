@@ -1,0 +1,204 @@
+"""smolvlm against the reference (transformers 5.23, SDPA) on the workloads of issue #7, in one run.
+
+A random-weight checkpoint of a released shape (benchmarks/checkpoint.py; the bf16 file is byte-for-byte the published
+size) is built once. Every (workload, side) runs in its own fresh process, so each side's peak memory (max RSS) and
+cold start (process start -> first token, imports and loading included) are its own. In a process: one cold request,
+then `--reps` timed ones; the table gives their medians and the ratio ours / reference.
+
+    python benchmarks/bench.py                       # all workloads, 2 threads, CPU (several minutes)
+    python benchmarks/bench.py --quick               # 1 rep, fewer workloads (about two minutes)
+    python benchmarks/bench.py --device cuda         # the same on a GPU
+    python benchmarks/bench.py --only text,tile --reps 5 --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "Write a short story about an old lighthouse keeper who finds a message in a bottle. Make it warm and surprising."
+IMAGE_PROMPT = "Describe this image in detail."
+
+
+@dataclass(frozen=True)
+class Workload:
+    what: str
+    dtype: str = "bfloat16"
+    image: tuple[int, int] | None = None  # (width, height) of the photo, None: text only
+    split: bool = False  # the processor's default tiling (True) or one unsplit 512px tile
+    batch: int = 1
+    new_tokens: int = 64
+    quantize: str | None = None
+    sides: tuple[str, ...] = ("ours", "reference")
+
+
+WORKLOADS = {
+    "text": Workload("text prompt, 128 new tokens", new_tokens=128),
+    "tile": Workload("one 512x512 image unsplit (1 tile), 64 new", image=(512, 512)),
+    "photo": Workload("one 1536x1024 photo, default tiling, 64 new", image=(1536, 1024), split=True),
+    "batch8": Workload("batch of 8 one-tile requests, 64 new each", image=(512, 512), batch=8),
+    "tile-fp32": Workload("one 512x512 image unsplit, 64 new, fp32", dtype="float32", image=(512, 512)),
+    "text-int8": Workload("text prompt, 128 new tokens, --quantize int8", new_tokens=128, quantize="int8",
+                          sides=("ours",)),
+}
+QUICK = ("text", "tile", "batch8", "text-int8")
+
+# (workload, metric) -> (bound, "max"/"min", baseline) on ours / baseline; baseline "reference" or another workload.
+TARGETS = {
+    ("text", "decode_tps"): (3.0, "min", "reference"),
+    ("tile", "vision_tile_s"): (0.5, "max", "reference"),
+    ("photo", "ttft_s"): (0.5, "max", "reference"),
+    ("batch8", "total_s"): (0.4, "max", "reference"),
+    ("tile-fp32", "decode_tps"): (2.0, "min", "reference"),
+    ("text-int8", "decode_tps"): (1.3, "min", "text"),
+}
+METRICS = [  # key, label, unit scale, format
+    ("preprocess_s", "preprocessing", 1e3, "{:.0f} ms"),
+    ("vision_tile_s", "vision per tile", 1e3, "{:.0f} ms"),
+    ("ttft_s", "time to first token", 1e3, "{:.0f} ms"),
+    ("decode_tps", "decode tok/s (per row)", 1, "{:.1f}"),
+    ("total_s", "total", 1, "{:.2f} s"),
+    ("peak_rss_mb", "peak RSS", 1, "{:.0f} MB"),
+    ("cold_start_s", "cold start", 1, "{:.1f} s"),
+]
+
+
+def photo(width: int, height: int, seed: int):
+    """Smooth colour fields with pixel noise: resizes and tiles like a photo (benchmarks/preprocess.py)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from preprocess import photo as make
+
+    return make(width, height, seed)
+
+
+def conversations(w: Workload) -> list:
+    if w.image is None:
+        return [[{"role": "user", "content": [{"type": "text", "text": PROMPT}]}] for _ in range(w.batch)]
+    return [[{"role": "user", "content": [{"type": "image", "image": photo(*w.image, seed=i)},
+                                          {"type": "text", "text": IMAGE_PROMPT}]}] for i in range(w.batch)]
+
+
+def worker(args) -> None:
+    """One side, one workload, in this process; prints one JSON line."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from sides import SIDES
+
+    w = WORKLOADS[args.workload]
+    side = SIDES[args.side](args.folder, w.dtype, args.device, w.quantize)
+    batch = conversations(w)
+    cold = side.run(batch, w.new_tokens, w.split)
+    cold_start = time.time() - args.spawned_at - cold.total_s + cold.ttft_s  # process start -> first token
+    runs = [side.run(batch, w.new_tokens, w.split) for _ in range(args.reps)]
+    result = {
+        "preprocess_s": statistics.median(r.preprocess_s for r in runs),
+        "ttft_s": statistics.median(r.ttft_s for r in runs),
+        "decode_tps": statistics.median(r.decode_tps for r in runs),
+        "total_s": statistics.median(r.total_s for r in runs),
+        "tiles": cold.tiles, "prompt_tokens": cold.prompt_tokens, "new_tokens": len(cold.token_times),
+        "cold_start_s": cold_start, "load_s": side.load_s,
+    }
+    if w.image is not None:
+        timed = [side.vision(batch, w.split) for _ in range(max(args.reps, 2))]
+        result["vision_tile_s"] = statistics.median(s / n for s, n in timed)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.device.startswith("cuda"):
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(result))
+
+
+def spawn(side: str, workload: str, args, folder: Path) -> dict:
+    cmd = [sys.executable, __file__, "--worker", side, workload, "--folder", str(folder), "--threads",
+           str(args.threads), "--device", args.device, "--reps", str(args.reps), "--spawned-at"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd + [repr(time.time())], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{side} {workload} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def ratio_cell(results, name, metric) -> str:
+    ours, ref = results[name].get("ours", {}).get(metric), results[name].get("reference", {}).get(metric)
+    target = TARGETS.get((name, metric))
+    if target and target[2] != "reference":
+        ref = results.get(target[2], {}).get("ours", {}).get(metric)
+    if ours is None or ref is None:
+        return ""
+    cell = f"x{ours / ref:.2f}"
+    if target:
+        bound, kind, _ = target
+        met = ours / ref >= bound if kind == "min" else ours / ref <= bound
+        cell += f" ({'≥' if kind == 'min' else '≤'}{bound} {'met' if met else 'NOT met'})"
+    elif metric == "peak_rss_mb":
+        cell += " (≤1 met)" if ours <= ref else " (≤1 NOT met)"
+    return cell
+
+
+def table(results: dict) -> str:
+    lines = ["| workload | metric | smolvlm | reference | ours / ref |", "| --- | --- | --- | --- | --- |"]
+    for name, sides in results.items():
+        w = WORKLOADS[name]
+        for key, label, scale, fmt in METRICS:
+            cells = [fmt.format(sides[s][key] * scale) if key in sides.get(s, {}) else "-" for s in ("ours", "reference")]
+            if cells == ["-", "-"]:
+                continue
+            tag = f"{name} ({w.dtype}{', ' + w.quantize if w.quantize else ''})"
+            lines.append(f"| {tag} | {label} | {cells[0]} | {cells[1]} | {ratio_cell(results, name, key)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="smolvlm2-256m", help="a shape of benchmarks/checkpoint.py")
+    parser.add_argument("--folder", type=Path, help="use this checkpoint folder instead of building one")
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "smolvlm-bench",
+                        help="where the random checkpoint is built (default: %(default)s)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--only", help="comma-separated workloads: " + ", ".join(WORKLOADS))
+    parser.add_argument("--quick", action="store_true", help=f"1 rep of {', '.join(QUICK)}")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--worker", nargs=2, metavar=("SIDE", "WORKLOAD"), help=argparse.SUPPRESS)
+    parser.add_argument("--spawned-at", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        args.side, args.workload = args.worker
+        return worker(args)
+    names = args.only.split(",") if args.only else list(QUICK if args.quick else WORKLOADS)
+    if args.quick:
+        args.reps = 1
+    folder = args.folder
+    if folder is None:
+        from checkpoint import make_random_checkpoint
+
+        folder = make_random_checkpoint(args.shape, args.cache / f"{args.shape}-bfloat16", "bfloat16")
+    print(f"# {args.shape} random weights, {args.device}, {args.threads} threads, {args.reps} reps, "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
+    results = {}
+    for name in names:
+        for side in WORKLOADS[name].sides:
+            start = time.perf_counter()
+            results.setdefault(name, {})[side] = r = spawn(side, name, args, folder)
+            print(f"  {name:9} {side:9} {time.perf_counter() - start:5.0f} s  ({r['prompt_tokens']} prompt tokens, "
+                  f"{r['tiles']} tiles, {r['new_tokens']} new, load {r['load_s']:.1f} s)", flush=True)
+    print(f"# load average at the end {os.getloadavg()[0]:.1f}\n")
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    main()

@@ -1,0 +1,187 @@
+"""The two sides of benchmarks/bench.py: smolvlm and the reference (transformers 5.23), each running one request the
+same way (raw conversation -> processor -> model -> N new tokens, end tokens ignored so every run makes exactly N).
+
+A side is built once per worker process: `Side.load(folder, dtype, device, quantize)`, then `run(conversations, N,
+split)` returns the timings of one request (a list of conversations is one batch) and `vision(conversations, split)`
+times the vision tower alone on the processor's tiles.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Timing:
+    preprocess_s: float  # conversations -> model inputs
+    token_times: list[float]  # seconds from the start of the request to each new token (batch: each step)
+    tiles: int  # vision frames encoded
+    prompt_tokens: int  # of the longest prompt
+
+    @property
+    def ttft_s(self) -> float:
+        return self.token_times[0]
+
+    @property
+    def total_s(self) -> float:
+        return self.token_times[-1]
+
+    @property
+    def decode_tps(self) -> float:
+        """Tokens per second per row after the first token."""
+        return (len(self.token_times) - 1) / (self.token_times[-1] - self.token_times[0])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Ours:
+    name = "smolvlm"
+
+    def __init__(self, folder: Path, dtype: str, device: str, quantize: str | None):
+        import smolvlm
+
+        start = time.perf_counter()
+        self.vlm = smolvlm.load(folder, dtype=dtype, device=device, quantize=quantize, progress=False)
+        self.load_s = time.perf_counter() - start
+        self.model, self.processor, self.device = self.vlm.model, self.vlm.processor, self.vlm.model.device
+        self.engine = None
+
+    def _prompts(self, conversations, split):
+        from smolvlm.generation import Prompt
+
+        prompts = []
+        for conversation in conversations:
+            inputs = self.processor.apply_chat_template(
+                conversation, add_generation_prompt=True, tokenize=True, do_image_splitting=split
+            )
+            pixels = inputs.get("pixel_values")
+            prompts.append(Prompt(inputs["input_ids"][0], None if pixels is None else pixels[0],
+                                  None if pixels is None else inputs["pixel_attention_mask"][0]))
+        return prompts
+
+    def run(self, conversations, new_tokens: int, split: bool) -> Timing:
+        from smolvlm.generation import Engine, SamplingParams
+
+        start = time.perf_counter()
+        prompts = self._prompts(conversations, split)
+        preprocess = time.perf_counter() - start
+        longest = max(len(p) for p in prompts)
+        if self.engine is None:  # sized like smolvlm.load's engine: room for the prompts and the answers
+            length = -(-(longest + new_tokens) // 256) * 256
+            self.engine = Engine(self.model, self.processor, [], max_batch=len(prompts), max_len=length)
+        for p in prompts:
+            self.engine.add_request(p, SamplingParams(max_new_tokens=new_tokens))
+        times = []
+        while self.engine.has_unfinished():
+            self.engine.step()  # reads the sampled tokens: a host sync
+            times.append(time.perf_counter() - start)
+        tiles = sum(0 if p.pixel_values is None else p.pixel_values.shape[0] for p in prompts)
+        return Timing(preprocess, times, tiles, longest)
+
+    @torch.inference_mode()
+    def vision(self, conversations, split: bool) -> tuple[float, int]:
+        prompts = self._prompts(conversations, split)
+        pixels = torch.cat([p.pixel_values for p in prompts])[None].to(self.device)
+        masks = torch.cat([p.pixel_attention_mask for p in prompts])[None].to(self.device)
+        _sync(self.device)
+        start = time.perf_counter()
+        self.model.get_image_features(pixels, masks)
+        _sync(self.device)
+        return time.perf_counter() - start, pixels.shape[1]
+
+
+class Reference:
+    """transformers' SmolVLMForConditionalGeneration (SDPA attention) and SmolVLMProcessor (PIL backend)."""
+
+    name = "reference"
+
+    def __init__(self, folder: Path, dtype: str, device: str, quantize: str | None):
+        from transformers import AutoModelForImageTextToText
+
+        if quantize:
+            raise SystemExit("the reference side has no quantize option")
+        start = time.perf_counter()
+        self.processor = _reference_processor(Path(folder))
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            folder, dtype=getattr(torch, dtype), attn_implementation="sdpa"
+        ).to(device).eval()
+        self.load_s = time.perf_counter() - start
+        self.device = torch.device(device)
+
+    def _inputs(self, conversations, split):
+        kwargs = dict(do_image_splitting=split, padding=True, padding_side="left")
+        inputs = self.processor.apply_chat_template(
+            conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+            processor_kwargs=kwargs,
+        )
+        return inputs.to(self.device)
+
+    def run(self, conversations, new_tokens: int, split: bool) -> Timing:
+        from transformers.generation.streamers import BaseStreamer
+
+        device = self.device
+
+        class Clock(BaseStreamer):  # generate() hands it the prompt first, then each step's new tokens
+            def __init__(self):
+                self.times = []
+
+            def put(self, value):
+                _sync(device)
+                self.times.append(time.perf_counter() - start)
+
+            def end(self):
+                pass
+
+        start = time.perf_counter()
+        inputs = self._inputs(conversations, split)
+        preprocess = time.perf_counter() - start
+        clock = Clock()
+        with torch.inference_mode():
+            self.model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                streamer=clock)
+        tiles = 0
+        if "pixel_values" in inputs:
+            tiles = int((inputs["pixel_values"] != 0).flatten(2).any(-1).sum())  # real frames, not padding
+        return Timing(preprocess, clock.times[1:], tiles, inputs["input_ids"].shape[1])
+
+    @torch.inference_mode()
+    def vision(self, conversations, split: bool) -> tuple[float, int]:
+        inputs = self._inputs(conversations, split)
+        _sync(self.device)
+        start = time.perf_counter()
+        self.model.model.get_image_features(
+            pixel_values=inputs["pixel_values"].to(self.model.dtype), pixel_attention_mask=inputs["pixel_attention_mask"]
+        )
+        _sync(self.device)
+        return time.perf_counter() - start, inputs["pixel_values"].shape[0] * inputs["pixel_values"].shape[1]
+
+
+def _reference_processor(folder: Path):
+    """SmolVLMProcessor from its parts: its AutoProcessor also builds a video processor that needs torchvision, which
+    is not installed here, so a stand-in gives the two numbers apply_chat_template reads from it (as in the tests)."""
+    from transformers import AutoTokenizer
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+    from transformers.models.smolvlm.processing_smolvlm import SmolVLMProcessor
+
+    class StandInVideoProcessor:
+        num_frames, fps = 64, 1
+
+    class ReferenceProcessor(SmolVLMProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            return None
+
+    template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
+    seq_len = json.loads((folder / "processor_config.json").read_text())["image_seq_len"]
+    return ReferenceProcessor(SmolVLMImageProcessorPil.from_pretrained(folder), AutoTokenizer.from_pretrained(folder),
+                              StandInVideoProcessor(), image_seq_len=seq_len, chat_template=template)
+
+
+SIDES = {"ours": Ours, "reference": Reference}
