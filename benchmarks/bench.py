@@ -66,6 +66,7 @@ METRICS = [  # key, label, unit scale, format
     ("vision_tile_s", "vision per tile", 1e3, "{:.0f} ms"),
     ("ttft_s", "time to first token", 1e3, "{:.0f} ms"),
     ("decode_tps", "decode tok/s (per row)", 1, "{:.1f}"),
+    ("decode_all_tps", "decode tok/s (all rows)", 1, "{:.1f}"),
     ("total_s", "total", 1, "{:.2f} s"),
     ("peak_rss_mb", "peak RSS", 1, "{:.0f} MB"),
     ("cold_start_s", "cold start", 1, "{:.1f} s"),
@@ -105,6 +106,7 @@ def worker(args) -> None:
         "preprocess_s": statistics.median(r.preprocess_s for r in runs),
         "ttft_s": statistics.median(r.ttft_s for r in runs),
         "decode_tps": statistics.median(r.decode_tps for r in runs),
+        **({"decode_all_tps": w.batch * statistics.median(r.decode_tps for r in runs)} if w.batch > 1 else {}),
         "total_s": statistics.median(r.total_s for r in runs),
         "tiles": cold.tiles, "prompt_tokens": cold.prompt_tokens, "new_tokens": len(cold.token_times),
         "cold_start_s": cold_start, "load_s": side.load_s,
@@ -115,6 +117,42 @@ def worker(args) -> None:
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.device.startswith("cuda"):
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(result))
+
+
+def quality(args) -> None:
+    """Logit error of each fast path against the plain fp32 model, on the one-tile prompt; prints one JSON line."""
+    import torch
+
+    from smolvlm import Model
+    from smolvlm.processing import Processor
+
+    torch.set_num_threads(args.threads)
+    w = WORKLOADS["tile"]
+    inputs = Processor.from_pretrained(args.folder).apply_chat_template(
+        conversations(w)[0], add_generation_prompt=True, tokenize=True, do_image_splitting=False
+    )
+    inputs = {k: v.to(args.device) for k, v in inputs.items()}
+
+    def logits(**kw):
+        model = Model.from_pretrained(args.folder, device=args.device, **kw)
+        with torch.inference_mode():
+            return model(**inputs)[0].float()
+
+    ref = logits(dtype="float32")
+    result = {}
+    variants = {"fp32 fused": dict(dtype="float32", fuse=True), "bf16 fused": dict(dtype="bfloat16", fuse=True)}
+    if args.device == "cpu":
+        variants |= {"int8, fp32 activations": dict(dtype="float32", quantize="int8"),
+                     "int8, bf16 activations": dict(dtype="bfloat16", quantize="int8")}
+    for name, kw in variants.items():
+        got = logits(**kw)
+        result[name] = {
+            "max_abs": (got - ref).abs().max().item(),
+            "relative_l2": ((got - ref).norm() / ref.norm()).item(),
+            "top1_agreement": (got.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+        }
+    result["logit_range"] = ref.abs().max().item()
     print(json.dumps(result))
 
 
@@ -170,12 +208,13 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated workloads: " + ", ".join(WORKLOADS))
     parser.add_argument("--quick", action="store_true", help=f"1 rep of {', '.join(QUICK)}")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--no-quality", action="store_true", help="skip the logit-error report of the fast paths")
     parser.add_argument("--worker", nargs=2, metavar=("SIDE", "WORKLOAD"), help=argparse.SUPPRESS)
     parser.add_argument("--spawned-at", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         args.side, args.workload = args.worker
-        return worker(args)
+        return quality(args) if args.side == "quality" else worker(args)
     names = args.only.split(",") if args.only else list(QUICK if args.quick else WORKLOADS)
     if args.quick:
         args.reps = 1
@@ -193,10 +232,18 @@ def main() -> None:
             results.setdefault(name, {})[side] = r = spawn(side, name, args, folder)
             print(f"  {name:9} {side:9} {time.perf_counter() - start:5.0f} s  ({r['prompt_tokens']} prompt tokens, "
                   f"{r['tiles']} tiles, {r['new_tokens']} new, load {r['load_s']:.1f} s)", flush=True)
+    errors = None if args.no_quality else spawn("quality", "tile", args, folder)
     print(f"# load average at the end {os.getloadavg()[0]:.1f}\n")
     print(table(results))
+    if errors:
+        print(f"\nLogits against the plain fp32 model, one-tile prompt (largest |logit| {errors['logit_range']:.1f}):")
+        print("| variant | max abs error | relative L2 error | top-1 agreement |\n| --- | --- | --- | --- |")
+        for name, e in errors.items():
+            if name != "logit_range":
+                    print(f"| {name} | {e['max_abs']:.4f} | {e['relative_l2']:.4f} | {e['top1_agreement']:.3f} |")
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
+        dump = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results, "logit_errors": errors}
+        args.json.write_text(json.dumps(dump, indent=1))
 
 
 if __name__ == "__main__":

@@ -21,10 +21,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # As the reference: normalize in fp32, cast back to the input dtype, *then* scale by the weight.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # As the reference: normalize in fp32, cast back to the input dtype, *then* scale by the weight. F.rms_norm
+        # upcasts internally and rounds once, bit-identical to the reference's five ops, in one.
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+
+
+def embedding(num: int, dim: int, padding_idx: int | None = None) -> nn.Embedding:
+    """An nn.Embedding left uninitialized: its weight always comes from the checkpoint, and nn.Embedding's random
+    init on the meta device (where models are built) runs torch's Python meta kernels, whose first use imports ~800
+    modules: about a second and 70 MB of memory at every load."""
+    return nn.Embedding(num, dim, padding_idx=padding_idx, _weight=torch.empty(num, dim))
 
 
 def rope_inv_freq(theta: float, head_dim: int, device=None) -> torch.Tensor:
@@ -37,8 +43,9 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.theta, self.head_dim = config.rope_theta, config.head_dim
         # Computed, never loaded (non-persistent, as in the reference); Model.from_pretrained recomputes it after
-        # building the module on the meta device.
-        self.register_buffer("inv_freq", rope_inv_freq(self.theta, self.head_dim), persistent=False)
+        # building the module on the meta device. Computed on the CPU even there (see `embedding`: pow is another op
+        # whose meta kernel is Python).
+        self.register_buffer("inv_freq", rope_inv_freq(self.theta, self.head_dim, device="cpu"), persistent=False)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq.float()  # [B, T, Dh/2], fp32
@@ -52,15 +59,16 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, T, Dh] -> cos and sign-folded sin [B, 1, T, Dh] for `apply_rope`, made once per forward."""
+    half = sin.shape[-1] // 2
+    return cos[:, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, None]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, Dh] rotated by cos, sin [B, T, Dh] (the reference's rotate-half RoPE)."""
-    cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, Dh]
-    return x * cos + rotate_half(x) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, Dh] rotated with the tables of `rope_tables`. The reference's rotate_half(x) * sin is
+    cat(-x2, x1) * sin = roll(x, Dh/2) * cat(-sin1, sin2), bit for bit (a sign flip is exact), in fewer ops."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class Attention(nn.Module):
@@ -80,6 +88,7 @@ class Attention(nn.Module):
         self.qkv_proj = None  # q/k/v as one FastLinear once fused for inference (Model.fuse)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, cache_positions):
+        """x [B, T, D]; cos, sin: the RoPE tables of `rope_tables`; mask: additive [B, 1, T, S] or None (causal)."""
         b, t, _ = x.shape
         h, h_kv = self.n_heads, self.n_kv_heads
         if self.qkv_proj is not None:
@@ -135,7 +144,7 @@ class TextModel(nn.Module):
         self.config = config
         pad = config.pad_token_id
         pad = pad if pad is not None and pad < config.vocab_size else None  # padding_idx only affects gradients
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=pad)
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size, padding_idx=pad)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
@@ -164,7 +173,7 @@ class TextModel(nn.Module):
                 attn_mask = keys <= cache_positions[:, None, :, None]  # [B, 1, T, max_len]
         attn_dtype = dtype if cache is None else cache.k.dtype  # attention runs in the cache's dtype
         mask = None if attn_mask is None else additive_mask(attn_mask, attn_dtype)  # pad-only rows must not give NaN
-        cos, sin = self.rotary_emb(position_ids, dtype)
+        cos, sin = rope_tables(*self.rotary_emb(position_ids, dtype))
         h = inputs_embeds
         for layer in self.layers:
             h = layer(h, cos, sin, mask, cache, cache_positions)

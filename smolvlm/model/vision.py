@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VisionConfig
-from .text import additive_mask
+from .text import additive_mask, embedding
 
 
 def patch_position_ids(patch_mask: torch.Tensor, n: int) -> torch.Tensor:
@@ -39,7 +39,7 @@ class VisionEmbeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(
             config.num_channels, config.hidden_size, config.patch_size, stride=config.patch_size, padding="valid"
         )
-        self.position_embedding = nn.Embedding(self.n**2, config.hidden_size)
+        self.position_embedding = embedding(self.n**2, config.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
         x = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)  # [N, h*w, D], row-major patches
