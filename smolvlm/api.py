@@ -24,6 +24,9 @@ from .processing import Processor
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"
 MAX_BATCH = 16  # conversations decoded together; more wait in the engine's queue for a free slot
 LEN_BLOCK = 256  # the KV cache length is rounded up to a multiple of this
+# Per-call settings that go to the processor rather than the sampler: video frame sampling, and image splitting
+# (off: one tile per image, far faster on a CPU, at some cost in detail).
+PROCESSOR_OPTIONS = ("fps", "max_frames", "do_image_splitting")
 
 
 def load(
@@ -63,14 +66,15 @@ class SmolVLM:
 
     def generate(self, messages, **params) -> str | list[str]:
         """The answer text (greedy unless temperature > 0), or a list of them for a list of conversations.
-        Parameters: max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop."""
+        Parameters: max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop; and for the
+        processor: fps and max_frames (video frame sampling), do_image_splitting."""
         results = self.complete(messages, **params)
         return [r.text for r in results] if isinstance(results, list) else results.text
 
     def complete(self, messages, **params) -> GenerationResult | list[GenerationResult]:
         """Like `generate`, with each answer's finish_reason ("stop"/"length"), token ids and token counts."""
         batch, single = _as_batch(messages)
-        engine, ids = self._start(batch, SamplingParams(**params))
+        engine, ids = self._start(batch, params)
         results = []
         for request_id in ids:  # all run together; reading one steps the others too
             outputs = list(self._outputs(engine, request_id))
@@ -86,7 +90,7 @@ class SmolVLM:
         batch, single = _as_batch(messages)
         if not single:
             raise InputError("stream() takes one conversation; use generate() for a list of them")
-        engine, (request_id,) = self._start(batch, SamplingParams(**params))
+        engine, (request_id,) = self._start(batch, params)
         try:
             for out in self._outputs(engine, request_id):
                 if out.text:
@@ -95,9 +99,12 @@ class SmolVLM:
             if self.unread.pop(request_id, None) is not None:  # the caller stopped reading: free the slot
                 engine.abort(request_id)
 
-    def _start(self, batch: list, sampling: SamplingParams) -> tuple[Engine, list[str]]:
+    def _start(self, batch: list, params: dict) -> tuple[Engine, list[str]]:
         """Queue the conversations (all checked first) on an engine with room for them."""
-        prompts = [prepare(self.processor, conversation) for conversation in batch]
+        options = {k: params.pop(k) for k in PROCESSOR_OPTIONS if k in params}
+        options = {k: v for k, v in options.items() if v is not None}  # None: the checkpoint's setting
+        sampling = SamplingParams(**params)
+        prompts = [prepare(self.processor, conversation, **options) for conversation in batch]
         engine = self._engine(len(prompts), max(len(p) for p in prompts) + sampling.max_new_tokens)
         ids = []
         try:

@@ -22,7 +22,8 @@ COMMANDS = [
     "smolvlm.training.cli:add_finetune",
 ]
 
-CHAT_HELP = "/image PATH attaches an image to your next message, /reset clears the history, /quit exits"
+CHAT_HELP = ("/image PATH or /video PATH attaches a file to your next message, /reset clears the history, "
+             "/quit exits")
 
 
 def model_options(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +37,14 @@ def model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's own)")
     parser.add_argument("--quantize", choices=["int8"], help="int8: int8 text-decoder weights, faster CPU decoding")
     parser.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available, else cpu)")
+
+
+def media_options(parser: argparse.ArgumentParser) -> None:
+    """Per-call processor settings: video frame sampling and image splitting."""
+    parser.add_argument("--fps", type=float, help="video frames sampled per second (default: the checkpoint's, 1)")
+    parser.add_argument("--max-frames", type=int, help="at most this many video frames (default: the checkpoint's, 64)")
+    parser.add_argument("--no-image-splitting", dest="do_image_splitting", action="store_false", default=None,
+                        help="one tile per image instead of up to 17: much faster on a CPU, less detail")
 
 
 def sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int = 512) -> None:
@@ -53,6 +62,7 @@ def add_generate(subparsers) -> None:
                    help="a video path or URL (repeat for several; SmolVLM2 checkpoints only)")
     model_options(p)
     sampling_options(p)
+    media_options(p)
     p.set_defaults(run=run_generate)
 
 
@@ -60,6 +70,7 @@ def add_chat(subparsers) -> None:
     p = subparsers.add_parser("chat", help=f"multi-turn chat in the terminal ({CHAT_HELP})")
     model_options(p)
     sampling_options(p)
+    media_options(p)
     p.set_defaults(run=run_chat)
 
 
@@ -70,7 +81,8 @@ def _load(args):
 
 
 def _params(args) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                fps=args.fps, max_frames=args.max_frames, do_image_splitting=args.do_image_splitting)
 
 
 def _user(text: str, images: list[str], videos: list[str] = ()) -> dict:
@@ -101,36 +113,37 @@ def run_chat(args) -> int:
     if tty:
         print(f"Chatting with {args.model}: {CHAT_HELP}.", file=sys.stderr)
     history: list[dict] = []
-    images: list[str] = []
+    media: dict[str, list[str]] = {"image": [], "video": []}  # attached to the next message
     while True:
         try:
             line = input("> " if tty else "")
         except EOFError:
             return 0
         line = line.strip()
-        if line == "/quit":
+        command = line.split(maxsplit=1)[0] if line.startswith("/") else ""
+        if command == "/quit":
             return 0
-        if line == "/reset":
-            history, images = [], []
+        if command == "/reset":
+            history, media = [], {"image": [], "video": []}
             print("(history cleared)", file=sys.stderr)
-        elif line.startswith("/image"):
-            path = line[len("/image") :].strip()
+        elif command in ("/image", "/video"):
+            kind, path = command[1:], line[len(command) :].strip()
             if path:
-                images.append(path)
-                print(f"(image {path} attached to your next message)", file=sys.stderr)
+                media[kind].append(path)
+                print(f"({kind} {path} attached to your next message)", file=sys.stderr)
             else:
-                print("usage: /image PATH", file=sys.stderr)
-        elif line.startswith("/"):
-            print(f"unknown command {line.split()[0]}: {CHAT_HELP}", file=sys.stderr)
+                print(f"usage: {command} PATH", file=sys.stderr)
+        elif command:
+            print(f"unknown command {command}: {CHAT_HELP}", file=sys.stderr)
         elif line:
-            turn = _user(line, images)
+            turn = _user(line, media["image"], media["video"])
             try:
                 answer = _print_stream(vlm.stream(history + [turn], **_params(args)))
             except SmolVLMError as e:  # e.g. an unreadable image: say so and keep chatting without that turn
                 print(f"smolvlm: error: {e}", file=sys.stderr)
             else:
                 history += [turn, {"role": "assistant", "content": [{"type": "text", "text": answer.strip()}]}]
-            images = []
+            media = {"image": [], "video": []}
 
 
 def build_parser() -> argparse.ArgumentParser:

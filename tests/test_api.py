@@ -168,3 +168,17 @@ def test_dtype_and_device(tiny_v2):
     assert vlm.model.dtype == torch.bfloat16 and vlm.model.device.type == "cpu"
     result = vlm.complete("Hello", max_new_tokens=6)
     assert result.completion_tokens == 6 and result.text
+
+
+def test_processor_options_per_call(vlm, tmp_path):
+    """fps / max_frames / do_image_splitting reach the processor: the prompt is what it makes with them."""
+    from video_files import SPECS, make_video
+
+    video = make_video(tmp_path / "clock.mp4", SPECS["clock_25fps_4s.mp4"])
+    clip = [{"role": "user", "content": [{"type": "video", "path": str(video)}, {"type": "text", "text": "Describe"}]}]
+    photo = user("Describe.", picture(5, (300, 200)))  # 2x2 tiles + the global image when split
+    for conversation, options in [(clip, dict(max_frames=2)), (clip, dict(fps=2.0)), (photo, dict(do_image_splitting=False))]:
+        expected = vlm.processor.apply_chat_template(conversation, tokenize=True, **options)["input_ids"].shape[1]
+        default = vlm.processor.apply_chat_template(conversation, tokenize=True)["input_ids"].shape[1]
+        result = vlm.complete(conversation, max_new_tokens=2, **options)
+        assert result.prompt_tokens == expected != default, options

@@ -139,3 +139,22 @@ def test_a_reader_that_leaves_early_gets_no_traceback(tiny_v2):
     proc.stdout.close()  # like `| head -c 5`
     assert proc.wait(timeout=120) == 141
     assert proc.stderr.read() == b""
+
+
+def test_video_and_processor_options(tiny_v2, vlm, image, tmp_path):
+    from video_files import SPECS, make_video
+
+    video = make_video(tmp_path / "clock.mp4", SPECS["clock_25fps_4s.mp4"])
+    clip = {"role": "user", "content": [{"type": "video", "video": str(video)}, {"type": "text", "text": "Describe"}]}
+    p = dict(max_new_tokens=int(N))
+    out = run("generate", "-m", tiny_v2, "--max-new-tokens", N, "--video", video, "--max-frames", "2", "Describe")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == vlm.generate([clip], max_frames=2, **p) + "\n"
+    out = run("generate", "-m", tiny_v2, "--max-new-tokens", N, "--image", image, "--no-image-splitting", "Describe.")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == vlm.generate([user("Describe.", image)], do_image_splitting=False, **p) + "\n"
+
+    out = run("chat", "--model", tiny_v2, "--max-new-tokens", N, "--fps", "2", stdin=f"/video {video}\nDescribe\n/video\n")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == vlm.generate([clip], fps=2.0, **p) + "\n"
+    assert "usage: /video PATH" in out.stderr

@@ -93,9 +93,10 @@ class Request:
         )
 
 
-def prepare(processor, messages) -> Prompt:
-    """Chat-template and tokenize one conversation, loading and splitting its images."""
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+def prepare(processor, messages, **options) -> Prompt:
+    """Chat-template and tokenize one conversation, loading and splitting its images. `options` go to the processor
+    (per-call settings such as fps, max_frames, do_image_splitting)."""
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **options)
     pixel_values = inputs.get("pixel_values")
     return Prompt(
         inputs["input_ids"][0],
