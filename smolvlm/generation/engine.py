@@ -260,7 +260,7 @@ class Engine:
         positions = torch.arange(t, device=self.device).expand(k, t)
         causal = torch.ones(t, t, dtype=torch.bool, device=self.device).tril()[None, None]  # [1, 1, T, T]
         hidden = self.model.model.text_model(
-            embeds, positions, attn_mask=causal, cache=self._rows(start), cache_positions=positions
+            embeds, positions, attn_mask=causal, cache=self.cache.rows(start), cache_positions=positions
         )
         last = torch.tensor(lengths, device=self.device) - 1
         hidden = hidden[torch.arange(k, device=self.device), last]  # [k, D]: each prompt's last real token
@@ -281,12 +281,6 @@ class Engine:
         pixels = torch.cat([p.pixel_values for p in frames])[None].to(self.device)  # [1, I, 3, S, S]
         masks = torch.cat([p.pixel_attention_mask for p in frames])[None].to(self.device)  # [1, I, S, S]
         return self.model.get_image_features(pixels, masks)
-
-    def _rows(self, start: int) -> KVCache:
-        """The cache seen from row `start` on (KVCache writes rows 0..B-1), sharing its storage."""
-        view = object.__new__(KVCache)
-        view.k, view.v = self.cache.k[:, start:], self.cache.v[:, start:]
-        return view
 
     def _emit(self, requests: list[Request], tokens: torch.Tensor) -> list[StepOutput]:
         """Book the sampled tokens (the step's one host sync), detokenize, check the stop conditions."""

@@ -17,6 +17,13 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
+    def rows(self, start: int) -> KVCache:
+        """The cache seen from row `start` on, sharing this one's storage (`write` fills rows 0..B-1 of a cache, so
+        an engine prefills new requests into rows start.. through this view)."""
+        view = object.__new__(KVCache)
+        view.k, view.v = self.k[:, start:], self.v[:, start:]
+        return view
+
     @property
     def max_batch(self) -> int:
         return self.k.shape[1]

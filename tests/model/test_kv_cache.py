@@ -33,3 +33,13 @@ def test_write_converts_to_cache_dtype():
     k, _ = cache.write(0, k_new, k_new, torch.tensor([[3]]))
     assert k.dtype == torch.bfloat16
     assert torch.equal(k[0, 0, 3], k_new[0, 0, 0].to(torch.bfloat16))
+
+
+def test_rows_view_writes_into_the_shared_storage_from_its_start_row():
+    cache = KVCache(n_layers=1, max_batch=4, n_kv_heads=1, max_len=3, head_dim=2)
+    view = cache.rows(2)
+    assert view.max_batch == 2 and view.max_len == 3
+    new = torch.ones(1, 1, 1, 2)
+    view.write(0, new, 2 * new, torch.tensor([[1]]))  # row 0 of the view is row 2 of the cache
+    assert cache.k[0, 2, 0, 1].tolist() == [1.0, 1.0] and cache.v[0, 2, 0, 1].tolist() == [2.0, 2.0]
+    assert cache.k.count_nonzero() == 2 and cache.v.count_nonzero() == 2
