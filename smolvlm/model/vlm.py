@@ -156,12 +156,13 @@ class Model(nn.Module):
         # A patch is valid when any of its pixels is (a trailing remainder smaller than a patch is dropped).
         hp, wp = h // p, w // p
         patch_mask = pixel_mask[:, : hp * p, : wp * p].reshape(n, hp, p, wp, p).sum(dim=(2, 4)) > 0  # [n, hp, wp]
-        # Frames go through the tower VISION_CHUNK at a time: per-frame math, so the same features, and a chunk's
+        # Inference runs the tower VISION_CHUNK frames at a time: per-frame math, so the same features, and a chunk's
         # matmuls (4 x 1024 patches for 512px tiles) are already as fast per frame as any bigger batch, while the
-        # activations of a many-tile photo stay those of one chunk.
+        # activations of a many-tile photo stay those of one chunk. (Autograd keeps every chunk's anyway: one pass.)
+        chunk = n if torch.is_grad_enabled() else VISION_CHUNK
         features = torch.cat([
             self.model.connector(self.model.vision_model(f, m))  # [chunk, N, D_t]
-            for f, m in zip(frames.split(VISION_CHUNK), patch_mask.split(VISION_CHUNK))
+            for f, m in zip(frames.split(chunk), patch_mask.split(chunk))
         ])  # fmt: skip
         return features.reshape(-1, features.shape[-1])
 
