@@ -69,6 +69,7 @@ METRICS = [  # key, label, unit scale, format
     ("decode_all_tps", "decode tok/s (all rows)", 1, "{:.1f}"),
     ("total_s", "total", 1, "{:.2f} s"),
     ("peak_rss_mb", "peak RSS", 1, "{:.0f} MB"),
+    ("peak_gpu_mb", "peak GPU memory", 1, "{:.0f} MB"),
     ("cold_start_s", "cold start", 1, "{:.1f} s"),
 ]
 
