@@ -91,6 +91,8 @@ class Model(nn.Module):
         `unfuse()` gives back the HF layers; training, LoRA and `state_dict()` need the unfused model.
         Fuse after moving the model to its device and dtype."""
         fast.check_quantize(quantize, self.device)
+        if quantize and self.fused:
+            raise InputError(f"This model is already fused; call model.unfuse() before fuse(quantize={quantize!r})")
         fast.fuse(self, quantize)
         return self
 

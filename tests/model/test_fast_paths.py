@@ -142,3 +142,5 @@ def test_bad_quantize_names_the_options(tiny_v2):
         Model.from_pretrained(tiny_v2, quantize="int4")
     with pytest.raises(InputError, match="int4.*int8"):
         Model.from_pretrained(tiny_v2).fuse(quantize="int4")
+    with pytest.raises(InputError, match="already fused.*unfuse"):
+        Model.from_pretrained(tiny_v2, fuse=True).fuse(quantize="int8")
