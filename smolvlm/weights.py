@@ -118,16 +118,10 @@ def load_weights(
     found = read_shapes(files)
     check_keys(module, found, folder, skip)
     for path in files:
-        try:
-            with safe_open(path, framework="pt", device=str(device)) as f:
-                for key in f.keys():
-                    if key in skip or key in defer:
-                        continue
-                    tensor = f.get_tensor(key)
-                    _assign(module, key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
-                    del tensor
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path}: can't read its tensors (truncated or corrupt?): {e}") from e
+        for key, tensor in _tensors(path, lambda keys: [k for k in keys if k not in skip and k not in defer], dtype,
+                                    device):
+            _assign(module, key, tensor)
+            del tensor
 
 
 def read_tensors(folder: str | Path, keys: list[str], dtype: torch.dtype, device: torch.device) -> dict:
@@ -135,16 +129,23 @@ def read_tensors(folder: str | Path, keys: list[str], dtype: torch.dtype, device
     `load_weights`). The files are mapped only for this call, so the pages read don't stay resident after the caller
     drops the tensors (loading maps the files for the model's lifetime; copying from there would keep both copies)."""
     wanted = set(keys)
-    tensors = {}
-    for path in weight_files(Path(folder)):
-        try:
-            with safe_open(path, framework="pt", device=str(device)) as f:
-                for key in wanted.intersection(f.keys()):
-                    tensor = f.get_tensor(key)
-                    tensors[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path}: can't read its tensors (truncated or corrupt?): {e}") from e
-    return tensors
+    return {
+        key: tensor
+        for path in weight_files(Path(folder))
+        for key, tensor in _tensors(path, lambda found: wanted.intersection(found), dtype, device)
+    }
+
+
+def _tensors(path: Path, select, dtype: torch.dtype, device: torch.device):
+    """(key, tensor) for the keys `select(keys of the file)` picks, floating point ones in `dtype`, one at a time;
+    a file that can't be read raises a CheckpointError naming it."""
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            for key in select(f.keys()):
+                tensor = f.get_tensor(key)
+                yield key, tensor.to(dtype) if tensor.is_floating_point() else tensor
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: can't read its tensors (truncated or corrupt?): {e}") from e
 
 
 def _assign(root: nn.Module, key: str, tensor: torch.Tensor) -> None:
