@@ -115,10 +115,20 @@ def worker(args) -> None:
     if w.image is not None:  # the tower alone, once (the runs above warmed it up)
         seconds, tiles = side.vision(batch, w.split)
         result["vision_tile_s"] = seconds / tiles
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()
     if args.device.startswith("cuda"):
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(result))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. /proc's VmHWM belongs to this process image alone; getrusage's ru_maxrss
+    carries the parent's peak across fork and exec, so a bench parent that built the checkpoint would set everyone's."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def quality(args) -> None:

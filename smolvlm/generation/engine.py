@@ -236,12 +236,7 @@ class Engine:
     def _decode(self) -> list[StepOutput]:
         n = len(self.running)
         keys = min(self.max_len, -(-(max(r.length for r in self.running) + 1) // KEY_BLOCK) * KEY_BLOCK)
-        positions = self.pos[:n, None]  # [n, 1]
-        mask = (torch.arange(keys, device=self.device) <= positions)[:, None, None, :]  # [n, 1, 1, S]
-        embeds = self.model.embed(self.last[:n, None])  # [n, 1, D]
-        text_model = self.model.model.text_model
-        hidden = text_model(embeds, positions, attn_mask=mask, cache=self.cache, cache_positions=positions)  # [n, 1, D]
-        tokens = self.sampler(self.model.lm_head(hidden[:, -1]))  # [n]
+        tokens = self.sampler(self.model.decode(self.last[:n], self.pos[:n], self.cache, keys))  # [n]
         self.last[:n] = tokens
         self.pos[:n] += 1
         for r in self.running:

@@ -9,9 +9,12 @@ layers for `FastLinear`s, in place:
   `_linear_pointwise` on a reordered weight is what torch.compile's CPU freezing pass emits).
 - Vision tower and connector (large matmuls, compute-bound): on the CPU the same oneDNN call on the layer's own weight
   (no copy), with the bias, and for fc1 the tanh GELU, applied inside the matmul (`fc1_gelu`).
+- C++ kernels (smolvlm/model/kernels.py, CPUs with AVX512-BF16): the copied weights are instead packed in the
+  kernels' layout, which both prefill matmuls and the one-call decode step (`Model.decode`) read.
 - `quantize="int8"`: the text decoder's and lm_head's weights become int8 with one symmetric scale per output
-  channel, run by fbgemm's dynamic-quantized matmul (x86 CPUs): it quantizes each call's activations to 8 bits (one
-  scale per call), multiplies in int8 and reads half the bytes of bf16. Vision and connector keep the model's dtype.
+  channel and read half the bytes of bf16. With the C++ kernels it is weight-only (activations stay bf16); elsewhere
+  fbgemm's dynamic-quantized matmul (x86 CPUs) also quantizes each call's activations to 8 bits. Vision and connector
+  keep the model's dtype.
 
 The copies are made one layer at a time, so memory never holds two copies of the model; `from_pretrained` reads the
 weights it copies through their own short-lived file mapping, so the checkpoint's pages don't stay resident beside them.
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from . import kernels
 
 QUANTIZE = ("int8",)
 
@@ -49,8 +53,10 @@ class FastLinear(nn.Module):
     """One or more HF linear layers (`parts`: name -> (weight [N_i, K], bias or None)) as one inference-only matmul
     over their outputs concatenated.
 
-    kind: "reordered" (CPU: oneDNN blocked copy), "int8" (CPU: fbgemm packed int8), "view" (CPU: oneDNN on the layer's
-    own weight, one part), "dense" (F.linear on a concatenated copy). activation "gelu_tanh": GELU of the output.
+    kind: "packed" / "packed_int8" (CPUs with AVX512-BF16: the C++ kernels' layout, smolvlm/model/kernels.py; int8 is
+    weight-only with per-output-channel scales), "reordered" (CPU: oneDNN blocked copy), "int8" (other x86 CPUs:
+    fbgemm packed int8), "view" (CPU: oneDNN on the layer's own weight, one part), "dense" (F.linear on a concatenated
+    copy). activation "gelu_tanh": GELU of the output.
     """
 
     def __init__(self, parts: dict[str, tuple[torch.Tensor, torch.Tensor | None]], kind: str, activation=None):
@@ -68,18 +74,26 @@ class FastLinear(nn.Module):
             weight = torch.cat(weights) if len(weights) > 1 else weights[0]  # [N, K]
             bias = None if biases[0] is None else torch.cat(biases) if len(biases) > 1 else biases[0]
             if kind == "int8":
-                self.packed = _pack_int8(weight.float(), None if bias is None else bias.float())
+                self.qweight = _pack_int8(weight.float(), None if bias is None else bias.float())
+            elif kind == "packed":
+                self.weight, self.scale, self.bias = kernels.pack(weight.detach()), weight.new_empty(0).float(), None
+            elif kind == "packed_int8":
+                q, scale = kernels.quantize_int8(weight.detach())
+                self.weight, self.bias = kernels.pack(q), None
+                self.scale = torch.cat([scale, scale.new_zeros(self.weight.shape[0] * 16 - len(scale))])
             elif kind == "reordered":
                 self.weight, self.bias = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None), bias
             else:
                 self.weight, self.bias = weight, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind in ("packed", "packed_int8"):
+            return kernels.linear(x, self.weight, self.scale, self.out_features)
         if self.kind in ("reordered", "view"):
             attr, algorithm = ("gelu", "tanh") if self.activation else ("none", "")
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, attr, [], algorithm)
         if self.kind == "int8":
-            y = torch.ops.quantized.linear_dynamic(x.float(), self.packed, False).to(x.dtype)
+            y = torch.ops.quantized.linear_dynamic(x.float(), self.qweight, False).to(x.dtype)
         else:
             y = F.linear(x, self.weight, self.bias)
         return F.gelu(y, approximate="tanh") if self.activation else y
@@ -87,10 +101,17 @@ class FastLinear(nn.Module):
     def unfuse(self) -> dict[str, nn.Linear]:
         """The HF linear layers this one replaced, by name (int8 weights come back dequantized)."""
         if self.kind == "int8":
-            weight, bias = torch.ops.quantized.linear_unpack(self.packed)
+            weight, bias = torch.ops.quantized.linear_unpack(self.qweight)
             weight, bias = weight.dequantize().to(self.dtype), None if bias is None else bias.to(self.dtype)
         else:
-            weight, bias = (self.weight.to_dense() if self.kind == "reordered" else self.weight), self.bias
+            weight, bias = self.weight, self.bias
+            if self.kind == "reordered":
+                weight = weight.to_dense()
+            elif self.kind == "packed":
+                weight = kernels.unpack(weight, self.out_features)
+            elif self.kind == "packed_int8":
+                scale = self.scale[: self.out_features, None]
+                weight = (kernels.unpack(weight, self.out_features).float() * scale).to(self.dtype)
         sizes = list(self.sizes.values())
         if len(sizes) == 1:  # the layer's own tensors (the same Parameters for "view")
             weights, biases = [weight], [bias]
@@ -118,6 +139,16 @@ def _onednn_ok(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def _copied_kind(weight: torch.Tensor, biases: list, quantize: str | None) -> str:
+    """How a copied (decoder or lm_head) layer runs: the C++ kernels where they run (they take no bias; the decoder
+    has none), else fbgemm for int8, oneDNN, or a plain dense copy."""
+    if all(b is None for b in biases) and kernels.usable(weight):
+        return "packed_int8" if quantize else "packed"
+    if quantize:
+        return "int8"
+    return "reordered" if _onednn_ok(weight.dtype, weight.device) else "dense"
+
+
 def _pack_int8(weight: torch.Tensor, bias: torch.Tensor | None):
     """fbgemm's packed form of `weight` [N, K] (fp32) as int8 with symmetric per-output-channel scales."""
     scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).double()  # [N]
@@ -136,7 +167,9 @@ def check_quantize(quantize: str | None, device: torch.device) -> None:
     if quantize not in QUANTIZE:
         raise InputError(f"quantize={quantize!r} is not supported; use one of {', '.join(QUANTIZE)} (or None)")
     if device.type != "cpu":
-        raise InputError(f"quantize={quantize!r} runs on the CPU only (fbgemm kernels); got device {str(device)!r}")
+        raise InputError(f"quantize={quantize!r} runs on the CPU only; got device {str(device)!r}")
+    if kernels.load() is not None:
+        return
     if torch.backends.quantized.engine not in ("x86", "fbgemm") or not hasattr(torch.ops.quantized, "linear_dynamic"):
         raise InputError(
             f"quantize={quantize!r} needs torch's fbgemm int8 kernels (x86 CPUs); this build's quantized engine is "
@@ -175,7 +208,7 @@ def fuse(model: nn.Module, quantize: str | None = None, read: Callable[[list[str
                 parts = {name: (layer.weight, layer.bias) for name, layer in layers.items()}
             weight = parts[names[0]][0]
             if copied:
-                kind = "int8" if quantize else "reordered" if _onednn_ok(weight.dtype, weight.device) else "dense"
+                kind = _copied_kind(weight, [b for _, b in parts.values()], quantize)
             elif _onednn_ok(weight.dtype, weight.device):
                 kind = "view"
             else:
@@ -201,3 +234,24 @@ def unfuse(model: nn.Module) -> None:
 
 def is_fused(model: nn.Module) -> bool:
     return any(isinstance(m, FastLinear) for m in model.modules())
+
+
+def decoder_weights(model: nn.Module) -> list[torch.Tensor] | None:
+    """The packed text decoder as the C++ decode step takes it (per layer: input norm, qkv weight and scale, o weight
+    and scale, post-attention norm, gate_up and down weights and scales), or None unless every decoder projection and
+    lm_head is packed."""
+    text = model.model.text_model
+    layers = [(layer.self_attn, layer.mlp) for layer in text.layers]
+    linears = [model.lm_head] + [m for a, mlp in layers for m in (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+    packed = all(isinstance(m, FastLinear) and m.kind in ("packed", "packed_int8") for m in linears)
+    if not packed or text.config.head_dim % 16:
+        return None
+    weights = []
+    for layer, (attn, mlp) in zip(text.layers, layers):
+        weights += [layer.input_layernorm.weight, *_ws(attn.qkv_proj), *_ws(attn.o_proj)]
+        weights += [layer.post_attention_layernorm.weight, *_ws(mlp.gate_up_proj), *_ws(mlp.down_proj)]
+    return weights
+
+
+def _ws(layer: FastLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    return layer.weight, layer.scale

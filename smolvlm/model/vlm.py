@@ -15,8 +15,9 @@ from .. import hub
 from ..config import SmolVLMConfig
 from ..errors import InputError
 from ..weights import load_weights, read_tensors, resolve_device, resolve_dtype
-from . import fast
+from . import fast, kernels
 from .connector import Connector
+from .kv_cache import KVCache
 from .text import TextModel, rope_inv_freq
 from .vision import VisionTransformer
 
@@ -183,6 +184,27 @@ class Model(nn.Module):
                 "Build the prompt with the processor, and don't truncate it."
             )
         return embeds.masked_scatter(is_image[..., None], image_features.to(embeds.dtype))
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, keys: int) -> torch.Tensor:
+        """Logits [n, V] for one new token per cache row: `tokens` [n] at `positions` [n] of rows 0..n-1, each
+        attending its own keys 0..position; `keys` >= max(positions) + 1 bounds the positions the plain path reads.
+
+        A model fused with the C++ kernels runs the whole step as one call (smolvlm/model/kernels.py); otherwise the
+        text model's layers run one by one over keys 0..keys-1 under a mask."""
+        embeds = self.embed(tokens[:, None])  # [n, 1, D]
+        text = self.model.text_model
+        weights = fast.decoder_weights(self) if cache.k.dtype == torch.float32 else None
+        if weights is not None:
+            config = text.config
+            return kernels.load().decode_step(
+                embeds[:, 0], positions, weights, text.norm.weight, self.lm_head.weight, self.lm_head.scale,
+                text.rotary_emb.inv_freq, cache.k, cache.v, config.num_attention_heads, config.vocab_size, config.intermediate_size,
+                config.rms_norm_eps,
+            )  # fmt: skip
+        positions = positions[:, None]  # [n, 1]
+        mask = (torch.arange(keys, device=tokens.device) <= positions)[:, None, None, :]  # [n, 1, 1, S]
+        hidden = text(embeds, positions, attn_mask=mask, cache=cache, cache_positions=positions)  # [n, 1, D]
+        return self.lm_head(hidden[:, -1])
 
     def forward(
         self,

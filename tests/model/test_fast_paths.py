@@ -1,5 +1,7 @@
 """Inference fast paths (smolvlm/model/fast.py) against the plain model: fused and reordered weights give the same
-fp32 logits and greedy text, unfuse gives back the exact HF module tree, int8 stays within a bounded logit error."""
+fp32 logits and greedy text, unfuse gives back the exact HF module tree, int8 stays within a bounded logit error.
+Each test runs on both CPU paths: the C++ kernels (smolvlm/model/kernels.py) and torch's oneDNN/fbgemm kernels that
+CPUs without AVX512-BF16 get."""
 
 from types import SimpleNamespace
 
@@ -9,7 +11,8 @@ from tokenizers import Tokenizer
 
 from smolvlm import InputError, Model
 from smolvlm.generation import Engine, Prompt, SamplingParams, end_token_ids
-from smolvlm.model.fast import FastLinear
+from smolvlm.model import kernels
+from smolvlm.model.fast import FastLinear, decoder_weights
 from tiny import TINY_IMAGE_SEQ_LEN, make_tiny_checkpoint
 
 IMAGE_BLOCK = "<fake_token_around_image><global-img>" + "<image>" * TINY_IMAGE_SEQ_LEN + "<fake_token_around_image>"
@@ -18,6 +21,20 @@ IMAGE_BLOCK = "<fake_token_around_image><global-img>" + "<image>" * TINY_IMAGE_S
 @pytest.fixture(scope="module", params=["v2", "v1"])
 def folder(request):
     return request.getfixturevalue(f"tiny_{request.param}")
+
+
+@pytest.fixture(autouse=True, params=["kernels", "torch"])
+def path(request, monkeypatch):
+    """Which CPU kernels fused models use: the C++ ones, or torch's (as where those can't be built or run)."""
+    if request.param == "kernels" and kernels.load() is None:
+        pytest.skip("the C++ kernels don't run here (they need a C++ compiler and an AVX512-BF16 CPU)")
+    if request.param == "torch":
+        monkeypatch.setattr(kernels, "load", lambda: None)
+    return request.param
+
+
+COPIED_KIND = {"kernels": "packed", "torch": "reordered"}  # how fused text-decoder layers run on each path
+INT8_KIND = {"kernels": "packed_int8", "torch": "int8"}
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +70,12 @@ def greedy(model, folder, n=24):
     return [r.token_ids for r in engine.generate(prompts, SamplingParams(max_new_tokens=n))]
 
 
-def test_fused_model_gives_the_plain_logits_and_greedy_text_in_fp32(folder):
+def test_fused_model_gives_the_plain_logits_and_greedy_text_in_fp32(folder, path):
     plain = Model.from_pretrained(folder)
     fused = Model.from_pretrained(folder, fuse=True)
     kinds = {m.kind for m in fused.modules() if isinstance(m, FastLinear)}
-    assert kinds == {"reordered", "view"}  # the CPU paths (oneDNN): copied text layers, vision on its own weights
+    assert kinds == {COPIED_KIND[path], "view"}  # copied text layers; vision on its own weights (oneDNN)
+    assert (decoder_weights(fused) is not None) == (path == "kernels")  # the engine's one-call decode step
     assert not any(isinstance(m, torch.nn.Linear) for m in fused.modules())
     x = inputs()
     torch.testing.assert_close(logits(fused, **x), logits(plain, **x), rtol=1e-4, atol=1e-4)
@@ -106,12 +124,13 @@ def test_bf16_fused_engine_matches_plain_bf16_logits(tiny_v2):
     assert engine.cache.k.dtype == torch.float32  # fast CPU attention
 
 
-def test_int8_logit_error_is_bounded_and_decoding_runs(folder):
-    """int8 (weights per channel, activations per call) stays within a few times bf16's own rounding error."""
+def test_int8_logit_error_is_bounded_and_decoding_runs(folder, path):
+    """int8 (weights per channel; torch's path also activations per call) stays within a few times bf16's own
+    rounding error."""
     fp32 = Model.from_pretrained(folder)
     int8 = Model.from_pretrained(folder, quantize="int8")
-    assert {m.kind for m in int8.model.text_model.modules() if isinstance(m, FastLinear)} == {"int8"}
-    assert int8.lm_head.kind == "int8"
+    assert {m.kind for m in int8.model.text_model.modules() if isinstance(m, FastLinear)} == {INT8_KIND[path]}
+    assert int8.lm_head.kind == INT8_KIND[path]
     x = inputs(seed=3)
     ref = logits(fp32, **x)
 

@@ -1,0 +1,113 @@
+"""The C++ CPU kernels of csrc/kernels.cpp: packed matmuls and a whole text-decoder step in one call.
+
+Built on first use with torch's extension builder (a C++ compiler is needed; ~25 s once, then loaded from torch's
+extension cache in well under a second) for CPUs with AVX512-BF16, e.g. AMD Zen 4 and Intel Cooper Lake or newer.
+Anywhere else `load()` says None and the model keeps torch's oneDNN path (smolvlm/model/fast.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
+CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
+DTYPES = (torch.bfloat16, torch.float32)
+
+
+def cpu_supported() -> bool:
+    """Whether this CPU runs the kernels (Linux x86-64 with AVX512-F/BW/VL and AVX512-BF16)."""
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return CPU_FLAGS <= set(flags)
+
+
+@functools.cache
+def load():
+    """The compiled extension module, or None where the CPU or the build can't run it (logged once)."""
+    if os.environ.get("SMOLVLM_KERNELS", "1") == "0" or not cpu_supported():
+        return None
+    from torch.utils import cpp_extension
+
+    try:  # torch's builder runs `ninja` from PATH; the pip package's binary sits in this environment's bin folder
+        import ninja
+
+        if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+    except ImportError:
+        pass
+    start = time.perf_counter()
+    try:
+        module = cpp_extension.load(
+            "smolvlm_kernels", [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], verbose=False
+        )
+    except Exception as e:  # no compiler or ninja, or a compiler without these intrinsics: torch's kernels still work
+        lines = str(e).splitlines()
+        reason = next((line for line in lines if "error" in line.lower() and "Error building" not in line), lines[0])
+        log.warning("smolvlm: C++ CPU kernels unavailable, using torch's kernels (%s)", reason.strip()[:300])
+        return None
+    log.info("smolvlm: C++ CPU kernels ready in %.1f s", time.perf_counter() - start)
+    return module
+
+
+def usable(weight: torch.Tensor) -> bool:
+    """Whether a [N, K] weight can be packed for the kernels here."""
+    return weight.device.type == "cpu" and weight.dtype in DTYPES and weight.shape[1] % 2 == 0 and load() is not None
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> the kernels' layout (zero rows pad N to a multiple of 16): bf16 and int8 [N/16, K/2, 16, 2], fp32
+    [N/16, K, 16]."""
+    n, k = weight.shape
+    blocks = -(-n // 16)
+    if blocks * 16 != n:
+        weight = torch.cat([weight, weight.new_zeros(blocks * 16 - n, k)])
+    if weight.dtype == torch.float32:
+        return weight.view(blocks, 16, k).permute(0, 2, 1).contiguous()
+    return weight.view(blocks, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of `pack`: the [n, K] weight."""
+    if packed.dim() == 3:  # fp32
+        blocks, k = packed.shape[:2]
+        return packed.permute(0, 2, 1).reshape(blocks * 16, k)[:n].contiguous()
+    blocks, k2 = packed.shape[:2]
+    return packed.permute(0, 2, 1, 3).reshape(blocks * 16, 2 * k2)[:n].contiguous()
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (q [N, K] int8, scale [N] fp32) with weight ~= q * scale[:, None]."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
+    """x [..., K] @ W.T -> [..., n] (x's dtype) with W packed by `pack`. int8 W: `scale` [packed rows] fp32, and the
+    products run on x rounded to bf16; else `scale` is empty."""
+    y = load().linear(x.reshape(-1, x.shape[-1]).contiguous(), packed, scale, n)
+    return y.view(*x.shape[:-1], n)
+
+
+def build() -> None:
+    """Build (or find) the kernels now and say how it went; scripts/setup.sh runs this so that a first load doesn't
+    wait for the compiler."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not cpu_supported():
+        print("smolvlm: this CPU has no AVX512-BF16 (or isn't Linux x86-64); fused models use torch's kernels")
+    load()

@@ -1,0 +1,98 @@
+"""The C++ CPU kernels (smolvlm/model/kernels.py): packing, packed matmuls against float64 products, and the one-call
+decode step against the plain text model's step over the same cache."""
+
+import pytest
+import torch
+
+from smolvlm import Model
+from smolvlm.model import kernels
+from smolvlm.model.fast import decoder_weights
+from smolvlm.model.kv_cache import KVCache
+
+pytestmark = pytest.mark.skipif(
+    kernels.load() is None, reason="the C++ kernels don't run here (they need a C++ compiler and an AVX512-BF16 CPU)"
+)
+
+SHAPES = [(1, 48, 64), (3, 50, 6), (8, 16, 128), (9, 33, 64), (130, 40, 96)]  # (M, N, K): tails of every loop
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int8])
+def test_pack_then_unpack_gives_the_weight_back(dtype):
+    w = (torch.randn(50, 64) * 40).to(dtype)  # N not a multiple of 16: padded with zero rows
+    packed = kernels.pack(w)
+    assert packed.shape[0] == 4 and packed.dtype == dtype
+    assert torch.equal(kernels.unpack(packed, 50), w)
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 8e-3), (torch.float32, 1e-5)])
+def test_linear_is_x_times_w_transposed(m, n, k, dtype, tol):
+    g = torch.Generator().manual_seed(m * n + k)
+    x, w = torch.randn(2, m, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype)
+    y = kernels.linear(x, kernels.pack(w), torch.empty(0), n)
+    assert y.shape == (2, m, n) and y.dtype == dtype
+    ref = x.double() @ w.double().T
+    assert ((y.double() - ref).abs() <= tol * (ref.abs() + ref.abs().mean())).all()
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_linear_is_bf16_x_times_the_dequantized_weight(m, n, k, dtype):
+    g = torch.Generator().manual_seed(m + n * k)
+    x, w = torch.randn(m, k, generator=g).to(dtype), torch.randn(n, k, generator=g)
+    q, scale = kernels.quantize_int8(w)
+    assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-6).all()  # half a step at most
+    packed = kernels.pack(q)
+    padded = torch.cat([scale, scale.new_zeros(packed.shape[0] * 16 - n)])
+    y = kernels.linear(x, packed, padded, n)
+    assert y.dtype == dtype
+    ref = x.bfloat16().double() @ (q.double() * scale.double()[:, None]).T  # activations run in bf16
+    out_rounding = 8e-3 if dtype == torch.bfloat16 else 1e-5
+    assert ((y.double() - ref).abs() <= out_rounding * (ref.abs() + ref.abs().mean())).all()
+
+
+def decode_both(folder, dtype, positions, quantize=None):
+    """Logits of one decode step at `positions` [n] by the C++ step (fused model) and by the plain text model (the
+    same model unfused), each over its own copy of one cache filled by a prefill; and the two caches after."""
+    model = Model.from_pretrained(folder, dtype=dtype, fuse=True, quantize=quantize)
+    assert decoder_weights(model) is not None
+    t = model.config.text_config
+    n, length = len(positions), int(positions.max()) + 1
+    cache = KVCache(t.num_hidden_layers, n + 1, t.num_key_value_heads, 64, t.head_dim)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, t.vocab_size, (n, length), generator=g)
+    tokens = torch.randint(0, t.vocab_size, (n,), generator=g)
+    with torch.inference_mode():
+        steps = torch.arange(length).expand(n, length)
+        model.model.text_model(model.embed(prompt), steps, cache=cache, cache_positions=steps)  # prefill
+        plain_cache = KVCache(t.num_hidden_layers, n + 1, t.num_key_value_heads, 64, t.head_dim)
+        plain_cache.k.copy_(cache.k), plain_cache.v.copy_(cache.v)
+        fast = model.decode(tokens, positions, cache, keys=64)
+        model.unfuse()
+        assert decoder_weights(model) is None
+        plain = model.decode(tokens, positions, plain_cache, keys=64)
+    return fast.float(), plain.float(), cache, plain_cache
+
+
+@pytest.mark.parametrize("family", ["v1", "v2"])
+def test_decode_step_gives_the_plain_steps_logits_and_cache_in_fp32(family, request):
+    folder = request.getfixturevalue(f"tiny_{family}")
+    positions = torch.tensor([5, 17, 0])  # rows at different lengths, one at its first position
+    fast, plain, cache, plain_cache = decode_both(folder, torch.float32, positions)
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cache.k, plain_cache.k, rtol=1e-5, atol=1e-5)  # the new keys (RoPE'd) and values
+    torch.testing.assert_close(cache.v, plain_cache.v, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(cache.k[:, 2, :, 0], torch.zeros_like(cache.k[:, 2, :, 0]))  # position 0 was written
+
+
+def test_decode_step_in_bf16_stays_within_bf16_rounding(tiny_v2):
+    fast, plain, cache, plain_cache = decode_both(tiny_v2, torch.bfloat16, torch.tensor([9, 30]))
+    assert ((fast - plain).norm() / plain.norm()) < 0.01
+    assert (fast.argmax(-1) == plain.argmax(-1)).all()
+    torch.testing.assert_close(cache.k, plain_cache.k, rtol=0.02, atol=0.02)
+
+
+def test_int8_decode_step_runs_the_int8_weights(tiny_v2):
+    """The C++ step on int8 weights gives what the plain layers give on the dequantized weights (unfuse)."""
+    fast, plain, _, _ = decode_both(tiny_v2, torch.bfloat16, torch.tensor([12]), quantize="int8")
+    assert ((fast - plain).norm() / plain.norm()) < 0.01
