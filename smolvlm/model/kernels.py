@@ -1,4 +1,5 @@
-"""The C++ CPU kernels of csrc/kernels.cpp: packed matmuls and a whole text-decoder step in one call.
+"""The C++ CPU kernels of csrc/kernels.cpp: packed matmuls, a whole text-decoder step in one call, and the vision
+tower's attention.
 
 Built on first use with torch's extension builder (a C++ compiler is needed; ~25 s once, then loaded from torch's
 extension cache in well under a second) for CPUs with AVX512-BF16, e.g. AMD Zen 4 and Intel Cooper Lake or newer.
@@ -111,3 +112,11 @@ def build() -> None:
     if not cpu_supported():
         print("smolvlm: this CPU has no AVX512-BF16 (or isn't Linux x86-64); fused models use torch's kernels")
     load()
+
+
+def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, heads: int):
+    """Bidirectional attention of q, k, v [B, L, heads * Dh] (projection outputs; no head transposes) under an
+    additive key mask broadcastable to [B, 1, 1, L] (or None) -> [B, L, heads * Dh]."""
+    b, length, _ = q.shape
+    mask = q.new_empty(0, dtype=torch.float32) if mask is None else mask.reshape(b, length).float().contiguous()
+    return load().vision_attention(q.contiguous(), k.contiguous(), v.contiguous(), mask, heads)

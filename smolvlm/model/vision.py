@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VisionConfig
+from . import kernels
 from .text import additive_mask, embedding
 
 
@@ -52,9 +53,13 @@ class VisionAttention(nn.Module):
         d = config.hidden_size
         self.n_heads, self.head_dim = config.num_attention_heads, d // config.num_attention_heads
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+        self.kernel_attention = False  # the C++ kernels' attention, once fused for inference where they run
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         b, L, _ = x.shape
+        if self.kernel_attention:  # reads the heads in place: no transposes
+            out = kernels.vision_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), mask, self.n_heads)
+            return self.out_proj(out)
         shape = (b, L, self.n_heads, self.head_dim)
         q, k, v = (p(x).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # bidirectional

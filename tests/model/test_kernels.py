@@ -3,6 +3,7 @@ decode step against the plain text model's step over the same cache."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from smolvlm import Model
 from smolvlm.model import kernels
@@ -49,6 +50,24 @@ def test_int8_linear_is_bf16_x_times_the_dequantized_weight(m, n, k, dtype):
     ref = x.bfloat16().double() @ (q.double() * scale.double()[:, None]).T  # activations run in bf16
     out_rounding = 8e-3 if dtype == torch.bfloat16 else 1e-5
     assert ((y.double() - ref).abs() <= out_rounding * (ref.abs() + ref.abs().mean())).all()
+
+
+@pytest.mark.parametrize("b,length,heads,dh", [(1, 64, 4, 8), (2, 100, 3, 72), (3, 17, 2, 16)])
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float32, 1e-5)])
+def test_vision_attention_is_the_references_sdpa(b, length, heads, dh, dtype, tol):
+    """Against torch's SDPA as the reference calls it: heads split from [B, L, D], additive key mask or none."""
+    g = torch.Generator().manual_seed(length)
+    q, k, v = (torch.randn(b, length, heads * dh, generator=g).to(dtype) for _ in range(3))
+    mask = torch.zeros(b, 1, 1, length, dtype=dtype)
+    mask[0, ..., length // 3 :] = torch.finfo(dtype).min  # frame 0: only its first third of patches are image
+
+    def split(t):
+        return t.view(b, length, heads, dh).transpose(1, 2)
+
+    for m in (None, mask):
+        got = kernels.vision_attention(q, k, v, m, heads)
+        ref = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=m)
+        torch.testing.assert_close(got, ref.transpose(1, 2).reshape(b, length, -1), rtol=tol, atol=tol)
 
 
 def decode_both(folder, dtype, positions, quantize=None):

@@ -185,8 +185,10 @@ torch::Tensor linear(const torch::Tensor& x, const Weight& W, int64_t N) {
   return y;
 }
 
-// exp(x) for x <= 0 (softmax after subtracting the max): Cephes' range reduction and degree-5 polynomial (~1 ulp).
+// exp(x) for x <= 0 (softmax after subtracting the max): Cephes' range reduction and degree-5 polynomial (~1 ulp);
+// 0 below -87.3 (where fp32's exp leaves the normal range), so masked keys (-inf) weigh exactly nothing.
 inline __m512 exp_ps(__m512 x) {
+  const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
   __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -198,7 +200,112 @@ inline __m512 exp_ps(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_maskz_mov_ps(normal, _mm512_scalef_ps(p, n));
+}
+
+// Key/value blocks of one head in the layouts `tile` reads as weights. K [L, Dh] (row stride ld) -> "rows" = keys,
+// reduction over Dh; V [L, Dh] -> V^T: "rows" = head dims, reduction over keys (Lp = L padded to 16, zeros).
+void pack_keys(const bf16* k, int64_t ld, int64_t L, int64_t Dh, bf16* out) {
+  for (int64_t j = 0; j < L; ++j) {  // key j's (d, d+1) pairs go to lane j % 16 of its block
+    const uint32_t* src = reinterpret_cast<const uint32_t*>(k + j * ld);
+    uint32_t* dst = reinterpret_cast<uint32_t*>(out + (j / 16) * 16 * Dh) + j % 16;
+    for (int64_t p = 0; p < Dh / 2; ++p) dst[p * 16] = src[p];
+  }
+}
+void pack_values(const bf16* v, int64_t ld, int64_t L, int64_t Lp, int64_t Dh, bf16* out) {
+  for (int64_t j = 0; j < L; ++j) {  // value j's dim d goes to lane d % 16, slot j % 2, of pair j / 2 in block d / 16
+    bf16* dst = out + (j / 2) * 32 + j % 2;
+    for (int64_t d = 0; d < Dh; ++d) dst[(d / 16) * 16 * Lp + (d % 16) * 2] = v[j * ld + d];
+  }
+}
+void pack_keys(const float* k, int64_t ld, int64_t L, int64_t Dh, float* out) {
+  for (int64_t j = 0; j < L; ++j) {
+    float* dst = out + (j / 16) * 16 * Dh + j % 16;
+    for (int64_t d = 0; d < Dh; ++d) dst[d * 16] = k[j * ld + d];
+  }
+}
+void pack_values(const float* v, int64_t ld, int64_t L, int64_t Lp, int64_t Dh, float* out) {
+  for (int64_t j = 0; j < L; ++j) {
+    float* dst = out + j * 16;
+    for (int64_t d = 0; d < Dh; ++d) dst[(d / 16) * 16 * Lp + d % 16] = v[j * ld + d];
+  }
+}
+
+inline void store16(float* y, __m512 v) { _mm512_storeu_ps(y, v); }
+inline void store16(bf16* y, __m512 v) { _mm256_storeu_si256((__m256i*)y, (__m256i)_mm512_cvtneps_pbh(v)); }
+
+// y [M, N] (fp32, row stride ldy) = x [M, K] (row stride ldx) @ W^T for W packed, on this thread.
+template <typename T>
+void matmul_serial(const T* x, int64_t ldx, int64_t M, int64_t K, const T* w, int64_t N, float* y, int64_t ldy) {
+  for (int64_t n0 = 0; n0 < N; n0 += 16) {
+    const __mmask16 mask = N - n0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (N - n0)) - 1);
+    for (int64_t m = 0; m < M; m += MT_MAX)
+      tiles(x + m * ldx, ldx, w + n0 * K, K, y + m * ldy + n0, ldy, std::min(MT_MAX, M - m), mask, nullptr);
+  }
+}
+
+constexpr int64_t Q_BLOCK = 64;  // query rows per softmax block (their scores stay in L2)
+
+// Bidirectional multi-head attention as the reference's SDPA: softmax(q k^T / sqrt(Dh) + mask) v, per (frame, head).
+// q, k, v: [B, L, H * Dh] (the projections' outputs); mask: additive [B, L] over keys, or empty. Scores and the
+// softmax run in fp32; the probabilities are rounded to the input dtype for the second product, as torch's CPU
+// flash attention does.
+template <typename T>
+void attention(const T* q, const T* k, const T* v, const float* mask, T* out, int64_t B, int64_t L, int64_t H,
+               int64_t Dh) {
+  const int64_t D = H * Dh, Lp = (L + 15) / 16 * 16, Dp = (Dh + 15) / 16 * 16;
+  const float scale = 1.0f / std::sqrt(float(Dh));
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> keys(Lp * Dh, T(0)), values(Dp * Lp, T(0)), probs(Q_BLOCK * Lp);
+    std::vector<float> scores(Q_BLOCK * Lp), o(Q_BLOCK * Dh), inv(Q_BLOCK);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / H, h = task % H, base = b * L * D + h * Dh;
+      pack_keys(k + base, D, L, Dh, keys.data());
+      pack_values(v + base, D, L, Lp, Dh, values.data());
+      for (int64_t i0 = 0; i0 < L; i0 += Q_BLOCK) {
+        const int64_t rows = std::min(Q_BLOCK, L - i0);
+        matmul_serial(q + base + i0 * D, D, rows, Dh, keys.data(), Lp, scores.data(), Lp);  // [rows, Lp]
+        for (int64_t i = 0; i < rows; ++i) {  // softmax numerators (padded keys 0), rounded to T; 1 / denominators
+          float* s = scores.data() + i * Lp;
+          __m512 mx = _mm512_set1_ps(-INFINITY);
+          for (int64_t j = 0; j < Lp; j += 16) {  // scaled and masked scores; padded keys -inf
+            const __mmask16 m = L - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (L - j)) - 1);
+            __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + j), _mm512_set1_ps(scale));
+            if (mask) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, mask + b * L + j));
+            x = _mm512_mask_blend_ps(m, _mm512_set1_ps(-INFINITY), x);
+            _mm512_storeu_ps(s + j, x);
+            mx = _mm512_max_ps(mx, x);
+          }
+          const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+          __m512 sum = _mm512_setzero_ps();
+          T* p = probs.data() + i * Lp;
+          for (int64_t j = 0; j < Lp; j += 16) {
+            const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), top));  // exp(-inf) = 0
+            sum = _mm512_add_ps(sum, e);
+            store16(p + j, e);
+          }
+          inv[i] = 1.0f / _mm512_reduce_add_ps(sum);
+        }
+        matmul_serial(probs.data(), Lp, rows, Lp, values.data(), Dh, o.data(), Dh);  // [rows, Dh]
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t d = 0; d < Dh; ++d) out[base + (i0 + i) * D + d] = from_f<T>(o[i * Dh + d] * inv[i]);
+      }
+    }
+  });
+}
+
+torch::Tensor vision_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const torch::Tensor& mask, int64_t n_heads) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "attention: [B, L, D]");
+  const int64_t B = q.size(0), L = q.size(1), Dh = q.size(2) / n_heads;
+  TORCH_CHECK(Dh % 2 == 0 && k.sizes() == q.sizes() && v.sizes() == q.sizes(), "attention: q, k, v shapes");
+  auto out = torch::empty_like(q);
+  const float* m = mask.numel() ? mask.data_ptr<float>() : nullptr;
+  if (q.scalar_type() == torch::kBFloat16)
+    attention(ptr<bf16>(q), ptr<bf16>(k), ptr<bf16>(v), m, ptr<bf16>(out), B, L, n_heads, Dh);
+  else
+    attention(ptr<float>(q), ptr<float>(k), ptr<float>(v), m, ptr<float>(out), B, L, n_heads, Dh);
+  return out;
 }
 
 // out = weight * rms_norm(x), rounded like the plain path: normalize in fp32, round, scale, round.
@@ -345,5 +452,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", [](const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, int64_t n) {
     return linear(x, {w, scale}, n);
   }, "y [M, N] = x [M, K] @ W^T with W packed (int8 W: with its per-row scales)");
+  m.def("vision_attention", &vision_attention, "bidirectional attention [B, L, H * Dh] (the vision tower's)");
   m.def("decode_step", &decode_step, "logits [n, V] of one decode step (see decode)");
 }
