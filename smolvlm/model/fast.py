@@ -9,7 +9,8 @@ layers for `FastLinear`s, in place:
   `_linear_pointwise` on a reordered weight is what torch.compile's CPU freezing pass emits).
 - Vision tower and connector (large matmuls, compute-bound): on the CPU the same oneDNN call on the layer's own weight
   (no copy), with the bias, and for fc1 the tanh GELU, applied inside the matmul (`fc1_gelu`). Where the C++ kernels
-  run, the tower's attention is theirs (about twice torch's CPU flash attention in bf16).
+  run, the tower's attention is theirs (about twice torch's CPU flash attention in bf16), and each residual add is one
+  pass with the LayerNorm after it.
 - C++ kernels (smolvlm/model/kernels.py, CPUs with AVX512-BF16): the copied weights are instead packed in the
   kernels' layout, which both prefill matmuls and the one-call decode step (`Model.decode`) read.
 - `quantize="int8"`: the text decoder's and lm_head's weights become int8 with one symmetric scale per output
@@ -219,15 +220,15 @@ def fuse(model: nn.Module, quantize: str | None = None, read: Callable[[list[str
             for name in names:
                 setattr(module, name, None)
             setattr(module, attr, fast)
-        if hasattr(module, "kernel_attention"):  # the vision tower's attention: the C++ kernel where it runs
-            module.kernel_attention = kernels.usable(module.out_proj.weight)
+        if hasattr(module, "use_kernels"):  # the vision tower's attention and norms: the C++ kernels where they run
+            module.use_kernels = kernels.runs(next(module.parameters()))
 
 
 def unfuse(model: nn.Module) -> None:
     """Give back the HF linear layers, in place (inverse of `fuse`)."""
     for module in list(model.modules()):
-        if hasattr(module, "kernel_attention"):
-            module.kernel_attention = False
+        if hasattr(module, "use_kernels"):
+            module.use_kernels = False
         for attr, fast in list(module.named_children()):
             if isinstance(fast, FastLinear):
                 setattr(module, attr, None)

@@ -65,9 +65,14 @@ def load():
     return module
 
 
+def runs(tensor: torch.Tensor) -> bool:
+    """Whether the kernels run here on tensors like this one (CPU, bf16 or fp32)."""
+    return tensor.device.type == "cpu" and tensor.dtype in DTYPES and load() is not None
+
+
 def usable(weight: torch.Tensor) -> bool:
     """Whether a [N, K] weight can be packed for the kernels here."""
-    return weight.device.type == "cpu" and weight.dtype in DTYPES and weight.shape[1] % 2 == 0 and load() is not None
+    return runs(weight) and weight.shape[1] % 2 == 0
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -92,10 +97,16 @@ def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8: (q [N, K] int8, scale [N] fp32) with weight ~= q * scale[:, None]."""
-    w = weight.float()
-    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+    """Symmetric per-output-channel int8: (q [N, K] int8, scale [N] fp32) with weight ~= q * scale[:, None].
+    Done in blocks of rows, so an fp32 copy of a whole large matrix (lm_head: 113 MB) never exists."""
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], 4096):
+        rows = slice(start, start + 4096)
+        w = weight[rows].float()
+        scale[rows] = s = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        q[rows] = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
@@ -120,3 +131,8 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     b, length, _ = q.shape
     mask = q.new_empty(0, dtype=torch.float32) if mask is None else mask.reshape(b, length).float().contiguous()
     return load().vision_attention(q.contiguous(), k.contiguous(), v.contiguous(), mask, heads)
+
+
+def add_layer_norm(x: torch.Tensor, y: torch.Tensor, norm: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + y, norm(x + y)) in one pass: a residual add and the LayerNorm after it."""
+    return tuple(load().add_layer_norm(x.contiguous(), y.contiguous(), norm.weight, norm.bias, norm.eps))

@@ -53,11 +53,11 @@ class VisionAttention(nn.Module):
         d = config.hidden_size
         self.n_heads, self.head_dim = config.num_attention_heads, d // config.num_attention_heads
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
-        self.kernel_attention = False  # the C++ kernels' attention, once fused for inference where they run
+        self.use_kernels = False  # the C++ kernels' attention, once fused for inference where they run
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         b, L, _ = x.shape
-        if self.kernel_attention:  # reads the heads in place: no transposes
+        if self.use_kernels:  # reads the heads in place: no transposes
             out = kernels.vision_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), mask, self.n_heads)
             return self.out_proj(out)
         shape = (b, L, self.n_heads, self.head_dim)
@@ -96,11 +96,21 @@ class Encoder(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.use_kernels = False  # the C++ kernels' residual-add + LayerNorm, once fused where they run
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x, mask)
-        return x
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, final_norm: nn.LayerNorm) -> torch.Tensor:
+        """final_norm(the layers' output) for x [N, L, D]."""
+        if not self.use_kernels:
+            for layer in self.layers:
+                x = layer(x, mask)
+            return final_norm(x)
+        # The same layers with each residual add done in one pass with the LayerNorm that follows it.
+        normed = self.layers[0].layer_norm1(x)
+        for i, layer in enumerate(self.layers):
+            x, normed = kernels.add_layer_norm(x, layer.self_attn(normed, mask), layer.layer_norm2)
+            after = self.layers[i + 1].layer_norm1 if i + 1 < len(self.layers) else final_norm
+            x, normed = kernels.add_layer_norm(x, layer.mlp(normed), after)
+        return normed
 
 
 class VisionTransformer(nn.Module):
@@ -116,4 +126,4 @@ class VisionTransformer(nn.Module):
         valid = patch_mask.flatten(1)  # [N, L]
         # As the reference: no mask at all unless some patch is padding; then padded keys are masked.
         mask = None if valid.all() else additive_mask(valid[:, None, None, :], x.dtype)  # [N, 1, 1, L]
-        return self.post_layernorm(self.encoder(x, mask))
+        return self.encoder(x, mask, self.post_layernorm)

@@ -77,7 +77,7 @@ def test_fused_model_gives_the_plain_logits_and_greedy_text_in_fp32(folder, path
     assert kinds == {COPIED_KIND[path], "view"}  # copied text layers; vision on its own weights (oneDNN)
     assert (decoder_weights(fused) is not None) == (path == "kernels")  # the engine's one-call decode step
     attention = fused.model.vision_model.encoder.layers[0].self_attn
-    assert attention.kernel_attention == (path == "kernels")
+    assert attention.use_kernels == (path == "kernels")
     assert not any(isinstance(m, torch.nn.Linear) for m in fused.modules())
     x = inputs()
     torch.testing.assert_close(logits(fused, **x), logits(plain, **x), rtol=1e-4, atol=1e-4)
@@ -99,7 +99,7 @@ def test_unfuse_gives_back_the_exact_hf_module_tree(folder):
         model.state_dict()
     model.unfuse()
     assert not model.fused and [n for n, _ in model.named_modules()] == names
-    assert not model.model.vision_model.encoder.layers[0].self_attn.kernel_attention
+    assert not model.model.vision_model.encoder.layers[0].self_attn.use_kernels
     after = model.state_dict()
     assert after.keys() == state.keys()
     assert all(torch.equal(after[k], state[k]) for k in state)

@@ -70,6 +70,19 @@ def test_vision_attention_is_the_references_sdpa(b, length, heads, dh, dtype, to
         torch.testing.assert_close(got, ref.transpose(1, 2).reshape(b, length, -1), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-5)])
+def test_add_layer_norm_is_the_residual_add_then_the_norm(dtype, tol):
+    g = torch.Generator().manual_seed(5)
+    norm = torch.nn.LayerNorm(40, eps=1e-6).to(dtype)  # 40: a 16-wide tail
+    with torch.no_grad():
+        norm.weight.normal_(generator=g), norm.bias.normal_(generator=g)
+    x, y = (torch.randn(3, 7, 40, generator=g).to(dtype) for _ in range(2))
+    h, out = kernels.add_layer_norm(x, y, norm)
+    assert torch.equal(h, x + y)  # the residual stream is exactly the plain path's
+    with torch.no_grad():
+        torch.testing.assert_close(out, norm(x + y), rtol=tol, atol=tol)
+
+
 def decode_both(folder, dtype, positions, quantize=None):
     """Logits of one decode step at `positions` [n] by the C++ step (fused model) and by the plain text model (the
     same model unfused), each over its own copy of one cache filled by a prefill; and the two caches after."""

@@ -294,6 +294,56 @@ void attention(const T* q, const T* k, const T* v, const float* mask, T* out, in
   });
 }
 
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const bf16* p, __mmask16 m) { return _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(m, p)); }
+inline __m512 round16(__m512 v, float) { return v; }
+inline __m512 round16(__m512 v, bf16) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v)); }
+
+// h = x + y rounded to T (the residual stream), and LayerNorm(h) * weight + bias in fp32, rounded once; per row.
+template <typename T>
+void add_layer_norm(const T* x, const T* y, const T* weight, const T* bias, T* h, T* out, int64_t R, int64_t D,
+                    float eps) {
+  at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(D + 16);
+    for (int64_t r = begin; r < end; ++r) {
+      __m512 sum = _mm512_setzero_ps(), sq = _mm512_setzero_ps();
+      for (int64_t i = 0; i < D; i += 16) {
+        const __mmask16 m = D - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (D - i)) - 1);
+        const __m512 v = round16(_mm512_add_ps(load16(x + r * D + i, m), load16(y + r * D + i, m)), T());
+        store16(h + r * D + i, v, m);
+        _mm512_storeu_ps(row.data() + i, v);
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, v));
+      }
+      const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / D);
+      for (int64_t i = 0; i < D; i += 16) {
+        const __mmask16 m = D - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (D - i)) - 1);
+        const __m512 c = _mm512_maskz_sub_ps(m, _mm512_loadu_ps(row.data() + i), mean);
+        sq = _mm512_fmadd_ps(c, c, sq);
+      }
+      const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(sq) / D + eps));
+      for (int64_t i = 0; i < D; i += 16) {
+        const __mmask16 m = D - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (D - i)) - 1);
+        const __m512 c = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(row.data() + i), mean), rstd);
+        store16(out + r * D + i, _mm512_fmadd_ps(c, load16(weight + i, m), load16(bias + i, m)), m);
+      }
+    }
+  });
+}
+
+std::vector<torch::Tensor> add_layer_norm_op(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& weight,
+                                             const torch::Tensor& bias, double eps) {
+  TORCH_CHECK(x.is_contiguous() && y.is_contiguous() && x.sizes() == y.sizes(), "add_layer_norm: x, y [..., D]");
+  const int64_t D = x.size(-1), R = x.numel() / D;
+  auto h = torch::empty_like(x), out = torch::empty_like(x);
+  if (x.scalar_type() == torch::kBFloat16)
+    add_layer_norm(ptr<bf16>(x), ptr<bf16>(y), ptr<bf16>(weight), ptr<bf16>(bias), ptr<bf16>(h), ptr<bf16>(out), R, D,
+                   float(eps));
+  else
+    add_layer_norm(ptr<float>(x), ptr<float>(y), ptr<float>(weight), ptr<float>(bias), ptr<float>(h),
+                   ptr<float>(out), R, D, float(eps));
+  return {h, out};
+}
+
 torch::Tensor vision_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                const torch::Tensor& mask, int64_t n_heads) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "attention: [B, L, D]");
@@ -452,6 +502,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", [](const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, int64_t n) {
     return linear(x, {w, scale}, n);
   }, "y [M, N] = x [M, K] @ W^T with W packed (int8 W: with its per-row scales)");
+  m.def("add_layer_norm", &add_layer_norm_op, "(x + y, LayerNorm(x + y)): a residual add and the next norm");
   m.def("vision_attention", &vision_attention, "bidirectional attention [B, L, H * Dh] (the vision tower's)");
   m.def("decode_step", &decode_step, "logits [n, V] of one decode step (see decode)");
 }
