@@ -40,17 +40,27 @@ template <typename T> inline float rnd(float f) { return to_f(from_f<T>(f)); }  
 inline void store16(float* y, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(y, m, v); }
 inline void store16(bf16* y, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(y, m, (__m256i)_mm512_cvtneps_pbh(v)); }
 
-// y[m, 0:16] = (x[m, :] . W-block) * scale for MT rows of x (scale: per output row, or null). Rows <= 2 keep two
-// accumulators each (even/odd k) to hide the multiply-add latency; more rows already give enough independent chains.
-template <int MT, typename O>
-void tile(const bf16* x, int64_t ldx, const bf16* w, int64_t K, O* y, int64_t ldy, __mmask16 mask, const float* scale) {
+// 32 packed weights (16 rows x 2 input channels) as bf16: loaded, or converted from int8 (small integers are exact
+// in bf16; the scale is applied to the sums).
+inline __m512bh weights32(const bf16* w) { return (__m512bh)_mm512_loadu_si512(w); }
+inline __m512bh weights32(const int8_t* q) {
+  __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)q)));
+  __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + 16))));
+  return _mm512_cvtne2ps_pbh(hi, lo);
+}
+
+// y[m, 0:16] = (x[m, :] . W-block) * scale for MT rows of bf16 x (scale: per output row, or null), W bf16 or int8
+// (converted once per 32 weights for all MT rows). Rows <= 2 keep two accumulators each (even/odd k) to hide the
+// multiply-add latency; more rows already give enough independent chains.
+template <int MT, typename W, typename O>
+void tile(const bf16* x, int64_t ldx, const W* w, int64_t K, O* y, int64_t ldy, __mmask16 mask, const float* scale) {
   constexpr int U = MT <= 2 ? 2 : 1;
   __m512 acc[MT][U];
   for (int m = 0; m < MT; ++m) for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
   const int64_t K2 = K / 2;
   for (int64_t k = 0; k < K2; k += U)
     for (int u = 0; u < U && k + u < K2; ++u) {
-      __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (k + u) * 32);
+      const __m512bh wv = weights32(w + (k + u) * 32);
       for (int m = 0; m < MT; ++m) {
         uint32_t pair; std::memcpy(&pair, x + m * ldx + 2 * (k + u), 4);
         acc[m][u] = _mm512_dpbf16_ps(acc[m][u], wv, (__m512bh)_mm512_set1_epi32(pair));
@@ -75,38 +85,9 @@ void tile(const float* x, int64_t ldx, const float* w, int64_t K, O* y, int64_t 
   for (int m = 0; m < MT; ++m) store16(y + m * ldy, U == 2 ? _mm512_add_ps(acc[m][0], acc[m][U - 1]) : acc[m][0], mask);
 }
 
-// 32 packed int8 weights -> bf16 (small integers are exact in bf16; the scale is applied to the sums).
-inline __m512bh int8_to_bf16(const int8_t* q) {
-  __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)q)));
-  __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + 16))));
-  return _mm512_cvtne2ps_pbh(hi, lo);
-}
-
-// The int8 weight's tile: as the bf16 one, converting each 32 weights once for all MT rows.
-template <int MT, typename O>
-void tile(const bf16* x, int64_t ldx, const int8_t* w, int64_t K, O* y, int64_t ldy, __mmask16 mask,
-          const float* scale) {
-  constexpr int U = MT <= 2 ? 2 : 1;
-  __m512 acc[MT][U];
-  for (int m = 0; m < MT; ++m) for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
-  const int64_t K2 = K / 2;
-  for (int64_t k = 0; k < K2; k += U)
-    for (int u = 0; u < U && k + u < K2; ++u) {
-      const __m512bh wv = int8_to_bf16(w + (k + u) * 32);
-      for (int m = 0; m < MT; ++m) {
-        uint32_t pair; std::memcpy(&pair, x + m * ldx + 2 * (k + u), 4);
-        acc[m][u] = _mm512_dpbf16_ps(acc[m][u], wv, (__m512bh)_mm512_set1_epi32(pair));
-      }
-    }
-  for (int m = 0; m < MT; ++m) {
-    __m512 s = U == 2 ? _mm512_add_ps(acc[m][0], acc[m][U - 1]) : acc[m][0];
-    store16(y + m * ldy, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(mask, scale)), mask);
-  }
-}
-
 // One packed block of 16 int8 rows -> the same block in bf16, for many rows of x (converted once, not per tile).
 void dequantize_block(const int8_t* q, int64_t K, bf16* out) {
-  for (int64_t i = 0; i < 16 * K; i += 32) _mm512_storeu_si512(out + i, (__m512i)int8_to_bf16(q + i));
+  for (int64_t i = 0; i < 16 * K; i += 32) _mm512_storeu_si512(out + i, (__m512i)weights32(q + i));
 }
 
 constexpr int64_t MT_MAX = 8;  // rows of x per register tile
