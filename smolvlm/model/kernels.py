@@ -1,4 +1,4 @@
-"""The C++ CPU kernels of csrc/kernels.cpp: packed matmuls, a whole text-decoder step in one call, and the vision
+"""The C++ CPU kernels of csrc/: packed matmuls, a whole text-decoder step in one call, and the vision
 tower's attention.
 
 Built on first use with torch's extension builder (a C++ compiler is needed; ~25 s once, then loaded from torch's
@@ -19,10 +19,11 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
+SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))  # and their common.h
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
 DTYPES = (torch.bfloat16, torch.float32)
+STALE_LOCK_S = 600  # a build takes ~25 s on 2 cores
 
 
 def cpu_supported() -> bool:
@@ -51,11 +52,15 @@ def load():
             os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
     except ImportError:
         pass
+    build = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smolvlm" / f"kernels-{torch.__version__}"
+    build.mkdir(parents=True, exist_ok=True)
+    clear_stale_lock(build)
     start = time.perf_counter()
     try:
         module = cpp_extension.load(
-            "smolvlm_kernels", [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], verbose=False
-        )
+            "smolvlm_kernels", [str(p) for p in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+            build_directory=str(build), verbose=False,
+        )  # fmt: skip
     except Exception as e:  # no compiler or ninja, or a compiler without these intrinsics: torch's kernels still work
         lines = str(e).splitlines()
         reason = next((line for line in lines if "error" in line.lower() and "Error building" not in line), lines[0])
@@ -68,6 +73,15 @@ def load():
 def runs(tensor: torch.Tensor) -> bool:
     """Whether the kernels run here on tensors like this one (CPU, bf16 or fp32)."""
     return tensor.device.type == "cpu" and tensor.dtype in DTYPES and load() is not None
+
+
+def clear_stale_lock(build: Path) -> None:
+    """torch's builder waits for its `lock` file to go away; a build killed mid-way (SIGKILL, power loss) leaves it
+    there, and every later load would wait forever. A lock older than any build is removed."""
+    lock = build / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        log.warning("smolvlm: removing the stale build lock %s (left by a killed build)", lock)
+        lock.unlink(missing_ok=True)
 
 
 def usable(weight: torch.Tensor) -> bool:

@@ -1,6 +1,9 @@
 """The C++ CPU kernels (smolvlm/model/kernels.py): packing, packed matmuls against float64 products, and the one-call
 decode step against the plain text model's step over the same cache."""
 
+import os
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +18,17 @@ pytestmark = pytest.mark.skipif(
 )
 
 SHAPES = [(1, 48, 64), (3, 50, 6), (8, 16, 128), (9, 33, 64), (130, 40, 96)]  # (M, N, K): tails of every loop
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path):
+    lock = tmp_path / "lock"
+    lock.touch()
+    kernels.clear_stale_lock(tmp_path)
+    assert lock.exists()  # a build may be running: torch's builder waits for it
+    old = time.time() - kernels.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    kernels.clear_stale_lock(tmp_path)
+    assert not lock.exists()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int8])

@@ -1,0 +1,158 @@
+// Shared by the C++ CPU kernels (AVX512-F + AVX512-BF16; built on first use by smolvlm/model/kernels.py): bf16
+// conversions, the packed-weight register tiles every matmul here runs on, and the vectorized exp.
+//
+// Packed layouts (kernels.py packs; N padded to a multiple of 16 with zero rows), so that each block of 16 output rows
+// is one contiguous stream:
+//   bf16 W [N, K] -> [N/16, K/2, 16, 2]: per pair of input channels, the 16 rows' two weights (VDPBF16PS's operand).
+//   fp32 W [N, K] -> [N/16, K, 16].
+//   int8 W [N, K] -> the bf16 layout, with fp32 scales [N] (weight-only quantization: activations stay bf16).
+// Rounding follows the plain torch path op by op (each bf16 op rounds its fp32 result to nearest-even), so the
+// results differ from it only by summation order.
+#pragma once
+
+#include <torch/types.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace smolvlm {
+
+using bf16 = uint16_t;
+
+inline float to_f(float x) { return x; }
+inline float to_f(bf16 x) { uint32_t u = uint32_t(x) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+template <typename T> T from_f(float f);
+template <> inline float from_f<float>(float f) { return f; }
+template <> inline bf16 from_f<bf16>(float f) {  // round to nearest even, as torch's cast
+  uint32_t u; std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffff) > 0x7f800000) return bf16((u >> 16) | 0x40);  // NaN stays NaN
+  return bf16((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+template <typename T> inline float rnd(float f) { return to_f(from_f<T>(f)); }  // f rounded to T
+
+inline void store16(float* y, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(y, m, v); }
+inline void store16(bf16* y, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(y, m, (__m256i)_mm512_cvtneps_pbh(v)); }
+
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const bf16* p, __mmask16 m) { return _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(m, p)); }
+inline __m512 round16(__m512 v, float) { return v; }
+inline __m512 round16(__m512 v, bf16) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v)); }
+inline void store16(float* y, __m512 v) { _mm512_storeu_ps(y, v); }
+inline void store16(bf16* y, __m512 v) { _mm256_storeu_si256((__m256i*)y, (__m256i)_mm512_cvtneps_pbh(v)); }
+
+// 32 packed weights (16 rows x 2 input channels) as bf16: loaded, or converted from int8 (small integers are exact
+// in bf16; the scale is applied to the sums).
+inline __m512bh weights32(const bf16* w) { return (__m512bh)_mm512_loadu_si512(w); }
+inline __m512bh weights32(const int8_t* q) {
+  __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)q)));
+  __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + 16))));
+  return _mm512_cvtne2ps_pbh(hi, lo);
+}
+
+// y[m, 0:16] = (x[m, :] . W-block) * scale for MT rows of bf16 x (scale: per output row, or null), W bf16 or int8
+// (converted once per 32 weights for all MT rows). Rows <= 2 keep two accumulators each (even/odd k) to hide the
+// multiply-add latency; more rows already give enough independent chains.
+template <int MT, typename W, typename O>
+void tile(const bf16* x, int64_t ldx, const W* w, int64_t K, O* y, int64_t ldy, __mmask16 mask, const float* scale) {
+  constexpr int U = MT <= 2 ? 2 : 1;
+  __m512 acc[MT][U];
+  for (int m = 0; m < MT; ++m) for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
+  const int64_t K2 = K / 2;
+  for (int64_t k = 0; k < K2; k += U)
+    for (int u = 0; u < U && k + u < K2; ++u) {
+      const __m512bh wv = weights32(w + (k + u) * 32);
+      for (int m = 0; m < MT; ++m) {
+        uint32_t pair; std::memcpy(&pair, x + m * ldx + 2 * (k + u), 4);
+        acc[m][u] = _mm512_dpbf16_ps(acc[m][u], wv, (__m512bh)_mm512_set1_epi32(pair));
+      }
+    }
+  for (int m = 0; m < MT; ++m) {
+    __m512 s = U == 2 ? _mm512_add_ps(acc[m][0], acc[m][U - 1]) : acc[m][0];
+    store16(y + m * ldy, scale ? _mm512_mul_ps(s, _mm512_maskz_loadu_ps(mask, scale)) : s, mask);
+  }
+}
+
+template <int MT, typename O>
+void tile(const float* x, int64_t ldx, const float* w, int64_t K, O* y, int64_t ldy, __mmask16 mask, const float*) {
+  constexpr int U = MT <= 2 ? 2 : 1;
+  __m512 acc[MT][U];
+  for (int m = 0; m < MT; ++m) for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += U)
+    for (int u = 0; u < U && k + u < K; ++u) {
+      __m512 wv = _mm512_loadu_ps(w + (k + u) * 16);
+      for (int m = 0; m < MT; ++m) acc[m][u] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[m * ldx + k + u]), acc[m][u]);
+    }
+  for (int m = 0; m < MT; ++m) store16(y + m * ldy, U == 2 ? _mm512_add_ps(acc[m][0], acc[m][U - 1]) : acc[m][0], mask);
+}
+constexpr int64_t MT_MAX = 8;  // rows of x per register tile
+constexpr int64_t M_CHUNK = 128;  // rows of x per pass over the weights (their rows stay in L2 across the N blocks)
+
+template <typename X, typename W, typename O>
+void tiles(const X* x, int64_t ldx, const W* w, int64_t K, O* y, int64_t ldy, int64_t rows, __mmask16 mask,
+           const float* scale) {
+  switch (rows) {
+    case 1: return tile<1>(x, ldx, w, K, y, ldy, mask, scale);
+    case 2: return tile<2>(x, ldx, w, K, y, ldy, mask, scale);
+    case 3: return tile<3>(x, ldx, w, K, y, ldy, mask, scale);
+    case 4: return tile<4>(x, ldx, w, K, y, ldy, mask, scale);
+    case 5: return tile<5>(x, ldx, w, K, y, ldy, mask, scale);
+    case 6: return tile<6>(x, ldx, w, K, y, ldy, mask, scale);
+    case 7: return tile<7>(x, ldx, w, K, y, ldy, mask, scale);
+    default: return tile<8>(x, ldx, w, K, y, ldy, mask, scale);
+  }
+}
+
+template <typename T>
+T* ptr(const torch::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
+
+// A packed weight: bf16/fp32, or int8 with fp32 scales [NB * 16] (per output row).
+struct Weight {
+  torch::Tensor w, scale;
+  bool int8() const { return w.scalar_type() == torch::kChar; }
+};
+
+// exp(x) for x <= 0 (softmax after subtracting the max): Cephes' range reduction and degree-5 polynomial (~1 ulp);
+// 0 below -87.3 (where fp32's exp leaves the normal range), so masked keys (-inf) weigh exactly nothing.
+inline __m512 exp_ps(__m512 x) {
+  const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_maskz_mov_ps(normal, _mm512_scalef_ps(p, n));
+}
+
+// y [M, N] (fp32, row stride ldy) = x [M, K] (row stride ldx) @ W^T for W packed, on this thread.
+template <typename T>
+void matmul_serial(const T* x, int64_t ldx, int64_t M, int64_t K, const T* w, int64_t N, float* y, int64_t ldy) {
+  for (int64_t n0 = 0; n0 < N; n0 += 16) {
+    const __mmask16 mask = N - n0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (N - n0)) - 1);
+    for (int64_t m = 0; m < M; m += MT_MAX)
+      tiles(x + m * ldx, ldx, w + n0 * K, K, y + m * ldy + n0, ldy, std::min(MT_MAX, M - m), mask, nullptr);
+  }
+}
+
+// The ops (matmul.cpp, vision.cpp, decode.cpp), bound to Python in module.cpp.
+torch::Tensor linear(const torch::Tensor& x, const Weight& W, int64_t N);
+torch::Tensor vision_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const torch::Tensor& mask, int64_t n_heads);
+std::vector<torch::Tensor> add_layer_norm(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& weight,
+                                          const torch::Tensor& bias, double eps);
+torch::Tensor decode_step(const torch::Tensor& h, const torch::Tensor& pos, const std::vector<torch::Tensor>& layers,
+                          const torch::Tensor& norm, const torch::Tensor& lm_head, const torch::Tensor& lm_head_scale,
+                          const torch::Tensor& inv_freq, torch::Tensor cache_k, torch::Tensor cache_v, int64_t n_heads,
+                          int64_t vocab, int64_t intermediate, double eps);
+
+}  // namespace smolvlm

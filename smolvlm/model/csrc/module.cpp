@@ -1,0 +1,14 @@
+// The Python module of the C++ CPU kernels (smolvlm/model/kernels.py builds and loads it).
+#include <torch/extension.h>
+
+#include "common.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear", [](const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, int64_t n) {
+    return smolvlm::linear(x, {w, scale}, n);
+  }, "y [M, N] = x [M, K] @ W^T with W packed (int8 W: with its per-row scales)");
+  m.def("add_layer_norm", &smolvlm::add_layer_norm, "(x + y, LayerNorm(x + y)): a residual add and the next norm");
+  m.def("vision_attention", &smolvlm::vision_attention, "bidirectional attention [B, L, H * Dh] (the vision tower's)");
+  m.def("decode_step", &smolvlm::decode_step, "logits [n, V] of one decode step (see decode)");
+}
+

@@ -1,0 +1,147 @@
+// The vision tower's attention and residual-add + LayerNorm: the tower's matmuls already run near this CPU's bf16
+// peak in oneDNN, while torch's CPU flash attention reaches ~150 GFLOP/s; this one ~290.
+#include "common.h"
+
+namespace smolvlm {
+namespace {
+
+// Key/value blocks of one head in the layouts `tile` reads as weights. K [L, Dh] (row stride ld) -> "rows" = keys,
+// reduction over Dh; V [L, Dh] -> V^T: "rows" = head dims, reduction over keys (Lp = L padded to 16, zeros).
+void pack_keys(const bf16* k, int64_t ld, int64_t L, int64_t Dh, bf16* out) {
+  for (int64_t j = 0; j < L; ++j) {  // key j's (d, d+1) pairs go to lane j % 16 of its block
+    const uint32_t* src = reinterpret_cast<const uint32_t*>(k + j * ld);
+    uint32_t* dst = reinterpret_cast<uint32_t*>(out + (j / 16) * 16 * Dh) + j % 16;
+    for (int64_t p = 0; p < Dh / 2; ++p) dst[p * 16] = src[p];
+  }
+}
+void pack_values(const bf16* v, int64_t ld, int64_t L, int64_t Lp, int64_t Dh, bf16* out) {
+  for (int64_t j = 0; j < L; ++j) {  // value j's dim d goes to lane d % 16, slot j % 2, of pair j / 2 in block d / 16
+    bf16* dst = out + (j / 2) * 32 + j % 2;
+    for (int64_t d = 0; d < Dh; ++d) dst[(d / 16) * 16 * Lp + (d % 16) * 2] = v[j * ld + d];
+  }
+}
+void pack_keys(const float* k, int64_t ld, int64_t L, int64_t Dh, float* out) {
+  for (int64_t j = 0; j < L; ++j) {
+    float* dst = out + (j / 16) * 16 * Dh + j % 16;
+    for (int64_t d = 0; d < Dh; ++d) dst[d * 16] = k[j * ld + d];
+  }
+}
+void pack_values(const float* v, int64_t ld, int64_t L, int64_t Lp, int64_t Dh, float* out) {
+  for (int64_t j = 0; j < L; ++j) {
+    float* dst = out + j * 16;
+    for (int64_t d = 0; d < Dh; ++d) dst[(d / 16) * 16 * Lp + d % 16] = v[j * ld + d];
+  }
+}
+
+constexpr int64_t Q_BLOCK = 64;  // query rows per softmax block (their scores stay in L2)
+
+// Bidirectional multi-head attention as the reference's SDPA: softmax(q k^T / sqrt(Dh) + mask) v, per (frame, head).
+// q, k, v: [B, L, H * Dh] (the projections' outputs); mask: additive [B, L] over keys, or empty. Scores and the
+// softmax run in fp32; the probabilities are rounded to the input dtype for the second product, as torch's CPU
+// flash attention does.
+template <typename T>
+void attention(const T* q, const T* k, const T* v, const float* mask, T* out, int64_t B, int64_t L, int64_t H,
+               int64_t Dh) {
+  const int64_t D = H * Dh, Lp = (L + 15) / 16 * 16, Dp = (Dh + 15) / 16 * 16;
+  const float scale = 1.0f / std::sqrt(float(Dh));
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> keys(Lp * Dh, T(0)), values(Dp * Lp, T(0)), probs(Q_BLOCK * Lp);
+    std::vector<float> scores(Q_BLOCK * Lp), o(Q_BLOCK * Dh), inv(Q_BLOCK);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / H, h = task % H, base = b * L * D + h * Dh;
+      pack_keys(k + base, D, L, Dh, keys.data());
+      pack_values(v + base, D, L, Lp, Dh, values.data());
+      for (int64_t i0 = 0; i0 < L; i0 += Q_BLOCK) {
+        const int64_t rows = std::min(Q_BLOCK, L - i0);
+        matmul_serial(q + base + i0 * D, D, rows, Dh, keys.data(), Lp, scores.data(), Lp);  // [rows, Lp]
+        for (int64_t i = 0; i < rows; ++i) {  // softmax numerators (padded keys 0), rounded to T; 1 / denominators
+          float* s = scores.data() + i * Lp;
+          __m512 mx = _mm512_set1_ps(-INFINITY);
+          for (int64_t j = 0; j < Lp; j += 16) {  // scaled and masked scores; padded keys -inf
+            const __mmask16 m = L - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (L - j)) - 1);
+            __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + j), _mm512_set1_ps(scale));
+            if (mask) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, mask + b * L + j));
+            x = _mm512_mask_blend_ps(m, _mm512_set1_ps(-INFINITY), x);
+            _mm512_storeu_ps(s + j, x);
+            mx = _mm512_max_ps(mx, x);
+          }
+          const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+          __m512 sum = _mm512_setzero_ps();
+          T* p = probs.data() + i * Lp;
+          for (int64_t j = 0; j < Lp; j += 16) {
+            const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), top));  // exp(-inf) = 0
+            sum = _mm512_add_ps(sum, e);
+            store16(p + j, e);
+          }
+          inv[i] = 1.0f / _mm512_reduce_add_ps(sum);
+        }
+        matmul_serial(probs.data(), Lp, rows, Lp, values.data(), Dh, o.data(), Dh);  // [rows, Dh]
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t d = 0; d < Dh; ++d) out[base + (i0 + i) * D + d] = from_f<T>(o[i * Dh + d] * inv[i]);
+      }
+    }
+  });
+}
+
+// h = x + y rounded to T (the residual stream), and LayerNorm(h) * weight + bias in fp32, rounded once; per row.
+template <typename T>
+void add_layer_norm(const T* x, const T* y, const T* weight, const T* bias, T* h, T* out, int64_t R, int64_t D,
+                    float eps) {
+  at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(D + 16);
+    for (int64_t r = begin; r < end; ++r) {
+      __m512 sum = _mm512_setzero_ps(), sq = _mm512_setzero_ps();
+      for (int64_t i = 0; i < D; i += 16) {
+        const __mmask16 m = D - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (D - i)) - 1);
+        const __m512 v = round16(_mm512_add_ps(load16(x + r * D + i, m), load16(y + r * D + i, m)), T());
+        store16(h + r * D + i, v, m);
+        _mm512_storeu_ps(row.data() + i, v);
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, v));
+      }
+      const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / D);
+      for (int64_t i = 0; i < D; i += 16) {
+        const __mmask16 m = D - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (D - i)) - 1);
+        const __m512 c = _mm512_maskz_sub_ps(m, _mm512_loadu_ps(row.data() + i), mean);
+        sq = _mm512_fmadd_ps(c, c, sq);
+      }
+      const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(sq) / D + eps));
+      for (int64_t i = 0; i < D; i += 16) {
+        const __mmask16 m = D - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (D - i)) - 1);
+        const __m512 c = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(row.data() + i), mean), rstd);
+        store16(out + r * D + i, _mm512_fmadd_ps(c, load16(weight + i, m), load16(bias + i, m)), m);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> add_layer_norm(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& weight,
+                                          const torch::Tensor& bias, double eps) {
+  TORCH_CHECK(x.is_contiguous() && y.is_contiguous() && x.sizes() == y.sizes(), "add_layer_norm: x, y [..., D]");
+  const int64_t D = x.size(-1), R = x.numel() / D;
+  auto h = torch::empty_like(x), out = torch::empty_like(x);
+  if (x.scalar_type() == torch::kBFloat16)
+    add_layer_norm(ptr<bf16>(x), ptr<bf16>(y), ptr<bf16>(weight), ptr<bf16>(bias), ptr<bf16>(h), ptr<bf16>(out), R, D,
+                   float(eps));
+  else
+    add_layer_norm(ptr<float>(x), ptr<float>(y), ptr<float>(weight), ptr<float>(bias), ptr<float>(h),
+                   ptr<float>(out), R, D, float(eps));
+  return {h, out};
+}
+
+torch::Tensor vision_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const torch::Tensor& mask, int64_t n_heads) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "attention: [B, L, D]");
+  const int64_t B = q.size(0), L = q.size(1), Dh = q.size(2) / n_heads;
+  TORCH_CHECK(Dh % 2 == 0 && k.sizes() == q.sizes() && v.sizes() == q.sizes(), "attention: q, k, v shapes");
+  auto out = torch::empty_like(q);
+  const float* m = mask.numel() ? mask.data_ptr<float>() : nullptr;
+  if (q.scalar_type() == torch::kBFloat16)
+    attention(ptr<bf16>(q), ptr<bf16>(k), ptr<bf16>(v), m, ptr<bf16>(out), B, L, n_heads, Dh);
+  else
+    attention(ptr<float>(q), ptr<float>(k), ptr<float>(v), m, ptr<float>(out), B, L, n_heads, Dh);
+  return out;
+}
+
+}  // namespace smolvlm
