@@ -154,8 +154,8 @@ def quality(args) -> None:
     result = {}
     variants = {"fp32 fused": dict(dtype="float32", fuse=True), "bf16 fused": dict(dtype="bfloat16", fuse=True)}
     if args.device == "cpu":
-        variants |= {"int8, fp32 activations": dict(dtype="float32", quantize="int8"),
-                     "int8, bf16 activations": dict(dtype="bfloat16", quantize="int8")}
+        variants |= {"int8, fp32 model": dict(dtype="float32", quantize="int8"),
+                     "int8, bf16 model": dict(dtype="bfloat16", quantize="int8")}
     for name, kw in variants.items():
         got = logits(**kw)
         result[name] = {

@@ -131,6 +131,14 @@ def test_decode_step_gives_the_plain_steps_logits_and_cache_in_fp32(family, requ
     assert not torch.equal(cache.k[:, 2, :, 0], torch.zeros_like(cache.k[:, 2, :, 0]))  # position 0 was written
 
 
+def test_decode_step_refuses_a_position_outside_the_cache(tiny_v2):
+    model = Model.from_pretrained(tiny_v2, fuse=True)
+    t = model.config.text_config
+    cache = KVCache(t.num_hidden_layers, 2, t.num_key_value_heads, 16, t.head_dim)
+    with pytest.raises(RuntimeError, match="position 16 is outside the cache's 16"):
+        model.decode(torch.tensor([1, 2]), torch.tensor([3, 16]), cache, keys=16)
+
+
 def test_decode_step_in_bf16_stays_within_bf16_rounding(tiny_v2):
     fast, plain, cache, plain_cache = decode_both(tiny_v2, torch.bfloat16, torch.tensor([9, 30]))
     assert ((fast - plain).norm() / plain.norm()) < 0.01

@@ -140,6 +140,10 @@ torch::Tensor decode_step(const torch::Tensor& h, const torch::Tensor& pos, cons
   TORCH_CHECK(cache_k.scalar_type() == torch::kFloat && cache_k.is_contiguous() && cache_v.is_contiguous(),
               "decode_step: the KV cache must be fp32 and contiguous");
   TORCH_CHECK(s.Dh % 16 == 0 && s.H % s.Hkv == 0 && pos.scalar_type() == torch::kLong, "decode_step: bad shapes");
+  TORCH_CHECK(h.size(0) == pos.numel() && h.size(0) <= s.B && pos.is_contiguous(), "decode_step: more rows than the cache");
+  const int64_t* P = pos.data_ptr<int64_t>();
+  for (int64_t b = 0; b < pos.numel(); ++b)  // the cache is written at these positions: never outside it
+    TORCH_CHECK(P[b] >= 0 && P[b] < s.S, "decode_step: position ", P[b], " is outside the cache's ", s.S);
   if (h.scalar_type() == torch::kBFloat16)
     return decode<bf16>(h, pos, layers, norm, {lm_head, lm_head_scale}, inv_freq, cache_k, cache_v, s, float(eps));
   return decode<float>(h, pos, layers, norm, {lm_head, lm_head_scale}, inv_freq, cache_k, cache_v, s, float(eps));
