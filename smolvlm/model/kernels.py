@@ -9,6 +9,7 @@ Anywhere else `load()` says None and the model keeps torch's oneDNN path (smolvl
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import platform
@@ -52,7 +53,10 @@ def load():
             os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
     except ImportError:
         pass
-    build = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smolvlm" / f"kernels-{torch.__version__}"
+    # One build folder per torch version and source folder: two checkouts sharing one would rebuild at every switch.
+    where = hashlib.sha1(str(SOURCES[0].parent).encode()).hexdigest()[:10]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    build = cache / "smolvlm" / f"kernels-{torch.__version__}-{where}"
     build.mkdir(parents=True, exist_ok=True)
     clear_stale_lock(build)
     start = time.perf_counter()
