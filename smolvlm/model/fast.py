@@ -248,16 +248,14 @@ def decoder_weights(model: nn.Module) -> list[torch.Tensor] | None:
     lm_head is packed."""
     text = model.model.text_model
     layers = [(layer.self_attn, layer.mlp) for layer in text.layers]
-    linears = [model.lm_head] + [m for a, mlp in layers for m in (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+    linears = [model.lm_head]
+    linears += [m for attn, mlp in layers for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
     packed = all(isinstance(m, FastLinear) and m.kind in ("packed", "packed_int8") for m in linears)
     if not packed or text.config.head_dim % 16:
         return None
     weights = []
     for layer, (attn, mlp) in zip(text.layers, layers):
-        weights += [layer.input_layernorm.weight, *_ws(attn.qkv_proj), *_ws(attn.o_proj)]
-        weights += [layer.post_attention_layernorm.weight, *_ws(mlp.gate_up_proj), *_ws(mlp.down_proj)]
+        for norm, projections in ((layer.input_layernorm, (attn.qkv_proj, attn.o_proj)),
+                                  (layer.post_attention_layernorm, (mlp.gate_up_proj, mlp.down_proj))):
+            weights += [norm.weight] + [t for p in projections for t in (p.weight, p.scale)]
     return weights
-
-
-def _ws(layer: FastLinear) -> tuple[torch.Tensor, torch.Tensor]:
-    return layer.weight, layer.scale

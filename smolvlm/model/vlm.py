@@ -198,8 +198,8 @@ class Model(nn.Module):
             config = text.config
             return kernels.load().decode_step(
                 embeds[:, 0], positions, weights, text.norm.weight, self.lm_head.weight, self.lm_head.scale,
-                text.rotary_emb.inv_freq, cache.k, cache.v, config.num_attention_heads, config.vocab_size, config.intermediate_size,
-                config.rms_norm_eps,
+                text.rotary_emb.inv_freq, cache.k, cache.v,
+                config.num_attention_heads, config.vocab_size, config.intermediate_size, config.rms_norm_eps,
             )  # fmt: skip
         positions = positions[:, None]  # [n, 1]
         mask = (torch.arange(keys, device=tokens.device) <= positions)[:, None, None, :]  # [n, 1, 1, S]

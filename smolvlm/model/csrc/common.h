@@ -116,8 +116,8 @@ struct Weight {
   bool int8() const { return w.scalar_type() == torch::kChar; }
 };
 
-// exp(x) for x <= 0 (softmax after subtracting the max): Cephes' range reduction and degree-5 polynomial (~1 ulp);
-// 0 below -87.3 (where fp32's exp leaves the normal range), so masked keys (-inf) weigh exactly nothing.
+// exp(x): Cephes' range reduction and degree-5 polynomial (~1 ulp); +inf past fp32's range, and 0 below -87.3 (where
+// fp32's exp leaves the normal range), so masked keys (-inf) weigh exactly nothing in a softmax.
 inline __m512 exp_ps(__m512 x) {
   const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));

@@ -100,7 +100,8 @@ torch::Tensor decode(torch::Tensor h, const torch::Tensor& pos, const std::vecto
         for (auto& o : out) o = _mm512_setzero_ps();
         for (int64_t j2 = 0; j2 < len; ++j2) {
           const __m512 p = _mm512_set1_ps(scores[j2]);
-          for (int64_t i = 0; i < Dh / 16; ++i) out[i] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vr + j2 * Dh + 16 * i), out[i]);
+          for (int64_t i = 0; i < Dh / 16; ++i)
+            out[i] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vr + j2 * Dh + 16 * i), out[i]);
         }
         T* dst = ap + b * s.H * Dh + hd * Dh;
         for (int64_t i = 0; i < Dh / 16; ++i) {
@@ -116,10 +117,13 @@ torch::Tensor decode(torch::Tensor h, const torch::Tensor& pos, const std::vecto
     for (int64_t b = 0; b < n; ++b) rms_norm(hp + b * D, ptr<T>(w[5]), xp + b * D, D, eps);
     auto gu = linear(x, {w[6], w[7]}, 2 * s.I);  // [n, 2 I]: gate | up
     T* g = ptr<T>(gu);
-    for (int64_t b = 0; b < n; ++b)
-      for (int64_t i = 0; i < s.I; ++i) {
-        const float gate = to_f(g[b * 2 * s.I + i]), up = to_f(g[b * 2 * s.I + s.I + i]);
-        actp[b * s.I + i] = from_f<T>(rnd<T>(gate / (1.0f + std::exp(-gate))) * up);
+    for (int64_t b = 0; b < n; ++b)  // silu(gate) rounded, times up, rounded
+      for (int64_t i = 0; i < s.I; i += 16) {
+        const __mmask16 m = s.I - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (s.I - i)) - 1);
+        const __m512 gate = load16(g + b * 2 * s.I + i, m), up = load16(g + b * 2 * s.I + s.I + i, m);
+        const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gate));  // exp(-gate)
+        const __m512 silu = _mm512_div_ps(gate, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+        store16(actp + b * s.I + i, _mm512_mul_ps(round16(silu, T()), up), m);
       }
     auto d = linear(act, {w[8], w[9]}, D);
     T* dp = ptr<T>(d);
@@ -133,14 +137,15 @@ torch::Tensor decode(torch::Tensor h, const torch::Tensor& pos, const std::vecto
 
 torch::Tensor decode_step(const torch::Tensor& h, const torch::Tensor& pos, const std::vector<torch::Tensor>& layers,
                           const torch::Tensor& norm, const torch::Tensor& lm_head, const torch::Tensor& lm_head_scale,
-                          const torch::Tensor& inv_freq, torch::Tensor cache_k, torch::Tensor cache_v, int64_t n_heads, int64_t vocab,
-                          int64_t intermediate, double eps) {
+                          const torch::Tensor& inv_freq, torch::Tensor cache_k, torch::Tensor cache_v, int64_t n_heads,
+                          int64_t vocab, int64_t intermediate, double eps) {
   const Shape s{h.size(1), n_heads, cache_k.size(2), cache_k.size(4), intermediate, vocab,
                 int64_t(layers.size() / LAYER_TENSORS), cache_k.size(1), cache_k.size(3)};
   TORCH_CHECK(cache_k.scalar_type() == torch::kFloat && cache_k.is_contiguous() && cache_v.is_contiguous(),
               "decode_step: the KV cache must be fp32 and contiguous");
   TORCH_CHECK(s.Dh % 16 == 0 && s.H % s.Hkv == 0 && pos.scalar_type() == torch::kLong, "decode_step: bad shapes");
-  TORCH_CHECK(h.size(0) == pos.numel() && h.size(0) <= s.B && pos.is_contiguous(), "decode_step: more rows than the cache");
+  TORCH_CHECK(h.size(0) == pos.numel() && h.size(0) <= s.B && pos.is_contiguous(),
+              "decode_step: one contiguous position per row, and no more rows than the cache");
   const int64_t* P = pos.data_ptr<int64_t>();
   for (int64_t b = 0; b < pos.numel(); ++b)  // the cache is written at these positions: never outside it
     TORCH_CHECK(P[b] >= 0 && P[b] < s.S, "decode_step: position ", P[b], " is outside the cache's ", s.S);

@@ -31,7 +31,11 @@ void matmul(const X* x, int64_t M, int64_t K, const Weight& W, O* y, int64_t N) 
         };
         if constexpr (std::is_same_v<X, bf16>) {
           if (scale && buffer.empty()) { run(ptr<int8_t>(W.w) + nb * block); continue; }
-          if (scale) { dequantize_block(ptr<int8_t>(W.w) + nb * block, K, buffer.data()); run(buffer.data()); continue; }
+          if (scale) {
+            dequantize_block(ptr<int8_t>(W.w) + nb * block, K, buffer.data());
+            run(buffer.data());
+            continue;
+          }
         }
         run(ptr<X>(W.w) + nb * block);
       }
