@@ -1,4 +1,4 @@
-"""Checkpoints the tests make themselves.
+"""Checkpoints the tests make themselves, and a check run on them.
 
 `make_tiny_checkpoint` builds a tiny random SmolVLM with the *reference* (transformers) classes, saves it with
 `save_pretrained`, and puts the real tokenizer, chat template and generation config of a released checkpoint next to
@@ -13,6 +13,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+
+from smolvlm import Model
+from smolvlm.model.fast import decoder_weights
+from smolvlm.model.kv_cache import KVCache
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CHECKPOINT_FILES = SHARED / "checkpoint-files"
@@ -69,7 +74,6 @@ def reference_config(family: str = "smolvlm", vision: dict | None = None, text: 
 
 def reference_model(config, seed: int = 0, init_std: float | None = None):
     """A random reference model in fp32 with eager attention (the bit-exact oracle)."""
-    import torch
     from transformers import AutoModelForImageTextToText
 
     torch.manual_seed(seed)
@@ -110,8 +114,6 @@ def make_tiny_checkpoint(
     **top,
 ) -> Path:
     """Save a complete tiny checkpoint (weights + real tokenizer/processor files) into `folder` and return it."""
-    import torch
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = reference_config(family, vision, text, **top)
@@ -122,3 +124,26 @@ def make_tiny_checkpoint(
     seq_len = (n // config.scale_factor) ** 2
     write_processor_files(folder, family, seq_len, TINY_LONGEST_EDGE * vc.image_size // 64, vc.image_size)
     return folder
+
+
+def decode_step_both(folder, dtype, positions, quantize=None):
+    """Logits of one decode step at `positions` [n] by the C++ step (fused model) and by the plain text model (the
+    same model unfused), each over its own copy of one cache filled by a prefill; and the two caches after."""
+    model = Model.from_pretrained(folder, dtype=dtype, fuse=True, quantize=quantize)
+    assert decoder_weights(model) is not None
+    t = model.config.text_config
+    n, length = len(positions), int(positions.max()) + 1
+    cache = KVCache(t.num_hidden_layers, n + 1, t.num_key_value_heads, 64, t.head_dim)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, t.vocab_size, (n, length), generator=g)
+    tokens = torch.randint(0, t.vocab_size, (n,), generator=g)
+    with torch.inference_mode():
+        steps = torch.arange(length).expand(n, length)
+        model.model.text_model(model.embed(prompt), steps, cache=cache, cache_positions=steps)  # prefill
+        plain_cache = KVCache(t.num_hidden_layers, n + 1, t.num_key_value_heads, 64, t.head_dim)
+        plain_cache.k.copy_(cache.k), plain_cache.v.copy_(cache.v)
+        fast = model.decode(tokens, positions, cache, keys=64)
+        model.unfuse()
+        assert decoder_weights(model) is None
+        plain = model.decode(tokens, positions, plain_cache, keys=64)
+    return fast.float(), plain.float(), cache, plain_cache

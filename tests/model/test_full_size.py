@@ -1,5 +1,6 @@
 """Models of the exact released shapes (from the real config.json files) with seeded random weights: one 512x512 tile
-plus text through the reference (eager attention) and through smolvlm, in fp32 and in bf16.
+plus text through the reference (eager attention) and through smolvlm, plain and fused for inference (the C++
+kernels where they run), in fp32 and in bf16; and the C++ decode step against the plain one at these shapes.
 
 Measured on this machine (logits std 1.0 for 256M v1, 0.62 for 500M v2):
 - fp32: max |ours - reference| 1.6e-5 (v1), 3.2e-6 (v2): few-ulp differences of the fused SDPA kernel vs eager
@@ -15,7 +16,8 @@ import pytest
 import torch
 
 from smolvlm import Model
-from tiny import V1_FILES, V2_FILES, needs_shared, reference_model
+from smolvlm.model import kernels
+from tiny import V1_FILES, V2_FILES, decode_step_both, needs_shared, reference_model
 
 FP32 = dict(atol=1e-4, rtol=1e-4)
 BF16 = dict(atol=0.3, rtol=0.05)
@@ -64,13 +66,17 @@ def test_released_shapes_match_reference(files, tmp_path):
 
     with torch.no_grad():
         ref32 = run_and_free(build_and_save, ref_call)
-        ours32 = run_and_free(lambda: Model.from_pretrained(tmp_path, dtype="float32"), our_call)
         ref16 = run_and_free(reference_bf16, ref_call)
-        ours16 = run_and_free(lambda: Model.from_pretrained(tmp_path, dtype="bfloat16"), our_call)
-
-    torch.testing.assert_close(ours32, ref32, **FP32)
-    torch.testing.assert_close(ours16, ref16, **BF16)
-    # Our bf16 is as accurate as the reference's bf16, measured against the fp32 reference.
-    ours_err, ref_err = (ours16 - ref32).abs(), (ref16 - ref32).abs()
-    assert ours_err.mean() <= 1.25 * ref_err.mean()
-    assert ours_err.max() <= 1.5 * ref_err.max()
+        for fuse in (False, True):  # the plain model, and the inference one (smolvlm.load's: C++ kernels where they run)
+            ours32 = run_and_free(lambda: Model.from_pretrained(tmp_path, dtype="float32", fuse=fuse), our_call)
+            ours16 = run_and_free(lambda: Model.from_pretrained(tmp_path, dtype="bfloat16", fuse=fuse), our_call)
+            torch.testing.assert_close(ours32, ref32, **FP32)
+            torch.testing.assert_close(ours16, ref16, **BF16)
+            # Our bf16 is as accurate as the reference's bf16, measured against the fp32 reference.
+            ours_err, ref_err = (ours16 - ref32).abs(), (ref16 - ref32).abs()
+            assert ours_err.mean() <= 1.25 * ref_err.mean()
+            assert ours_err.max() <= 1.5 * ref_err.max()
+    if kernels.load() is not None:  # the one-call decode step at the real head sizes (64; 9/3 and 15/5 heads)
+        fast, plain, cache, plain_cache = decode_step_both(tmp_path, torch.float32, torch.tensor([40, 7]))
+        torch.testing.assert_close(fast, plain, **FP32)
+        torch.testing.assert_close(cache.k, plain_cache.k, **FP32)

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from smolvlm import Model
 from smolvlm.model import kernels
-from smolvlm.model.fast import decoder_weights
 from smolvlm.model.kv_cache import KVCache
+from tiny import decode_step_both
 
 pytestmark = pytest.mark.skipif(
     kernels.load() is None, reason="the C++ kernels don't run here (they need a C++ compiler and an AVX512-BF16 CPU)"
@@ -97,34 +97,11 @@ def test_add_layer_norm_is_the_residual_add_then_the_norm(dtype, tol):
         torch.testing.assert_close(out, norm(x + y), rtol=tol, atol=tol)
 
 
-def decode_both(folder, dtype, positions, quantize=None):
-    """Logits of one decode step at `positions` [n] by the C++ step (fused model) and by the plain text model (the
-    same model unfused), each over its own copy of one cache filled by a prefill; and the two caches after."""
-    model = Model.from_pretrained(folder, dtype=dtype, fuse=True, quantize=quantize)
-    assert decoder_weights(model) is not None
-    t = model.config.text_config
-    n, length = len(positions), int(positions.max()) + 1
-    cache = KVCache(t.num_hidden_layers, n + 1, t.num_key_value_heads, 64, t.head_dim)
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, t.vocab_size, (n, length), generator=g)
-    tokens = torch.randint(0, t.vocab_size, (n,), generator=g)
-    with torch.inference_mode():
-        steps = torch.arange(length).expand(n, length)
-        model.model.text_model(model.embed(prompt), steps, cache=cache, cache_positions=steps)  # prefill
-        plain_cache = KVCache(t.num_hidden_layers, n + 1, t.num_key_value_heads, 64, t.head_dim)
-        plain_cache.k.copy_(cache.k), plain_cache.v.copy_(cache.v)
-        fast = model.decode(tokens, positions, cache, keys=64)
-        model.unfuse()
-        assert decoder_weights(model) is None
-        plain = model.decode(tokens, positions, plain_cache, keys=64)
-    return fast.float(), plain.float(), cache, plain_cache
-
-
 @pytest.mark.parametrize("family", ["v1", "v2"])
 def test_decode_step_gives_the_plain_steps_logits_and_cache_in_fp32(family, request):
     folder = request.getfixturevalue(f"tiny_{family}")
     positions = torch.tensor([5, 17, 0])  # rows at different lengths, one at its first position
-    fast, plain, cache, plain_cache = decode_both(folder, torch.float32, positions)
+    fast, plain, cache, plain_cache = decode_step_both(folder, torch.float32, positions)
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(cache.k, plain_cache.k, rtol=1e-5, atol=1e-5)  # the new keys (RoPE'd) and values
     torch.testing.assert_close(cache.v, plain_cache.v, rtol=1e-5, atol=1e-5)
@@ -140,7 +117,7 @@ def test_decode_step_refuses_a_position_outside_the_cache(tiny_v2):
 
 
 def test_decode_step_in_bf16_stays_within_bf16_rounding(tiny_v2):
-    fast, plain, cache, plain_cache = decode_both(tiny_v2, torch.bfloat16, torch.tensor([9, 30]))
+    fast, plain, cache, plain_cache = decode_step_both(tiny_v2, torch.bfloat16, torch.tensor([9, 30]))
     assert ((fast - plain).norm() / plain.norm()) < 0.01
     assert (fast.argmax(-1) == plain.argmax(-1)).all()
     torch.testing.assert_close(cache.k, plain_cache.k, rtol=0.02, atol=0.02)
@@ -148,5 +125,5 @@ def test_decode_step_in_bf16_stays_within_bf16_rounding(tiny_v2):
 
 def test_int8_decode_step_runs_the_int8_weights(tiny_v2):
     """The C++ step on int8 weights gives what the plain layers give on the dequantized weights (unfuse)."""
-    fast, plain, _, _ = decode_both(tiny_v2, torch.bfloat16, torch.tensor([12]), quantize="int8")
+    fast, plain, _, _ = decode_step_both(tiny_v2, torch.bfloat16, torch.tensor([12]), quantize="int8")
     assert ((fast - plain).norm() / plain.norm()) < 0.01
