@@ -55,17 +55,9 @@ class Ours:
         self.engine = None
 
     def _prompts(self, conversations, split):
-        from smolvlm.generation import Prompt
+        from smolvlm.generation import prepare_all
 
-        prompts = []
-        for conversation in conversations:
-            inputs = self.processor.apply_chat_template(
-                conversation, add_generation_prompt=True, tokenize=True, do_image_splitting=split
-            )
-            pixels = inputs.get("pixel_values")
-            prompts.append(Prompt(inputs["input_ids"][0], None if pixels is None else pixels[0],
-                                  None if pixels is None else inputs["pixel_attention_mask"][0]))
-        return prompts
+        return prepare_all(self.processor, conversations, do_image_splitting=split)
 
     def run(self, conversations, new_tokens: int, split: bool) -> Timing:
         from smolvlm.generation import Engine, SamplingParams

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from . import hub
 from .errors import InputError, SmolVLMError
-from .generation import Engine, GenerationResult, SamplingParams, StepOutput, end_token_ids, prepare
+from .generation import Engine, GenerationResult, SamplingParams, StepOutput, end_token_ids, prepare_all
 from .model import Model
 from .processing import Processor
 
@@ -104,7 +104,7 @@ class SmolVLM:
         options = {k: params.pop(k) for k in PROCESSOR_OPTIONS if k in params}
         options = {k: v for k, v in options.items() if v is not None}  # None: the checkpoint's setting
         sampling = SamplingParams(**params)
-        prompts = [prepare(self.processor, conversation, **options) for conversation in batch]
+        prompts = prepare_all(self.processor, batch, **options)
         engine = self._engine(len(prompts), max(len(p) for p in prompts) + sampling.max_new_tokens)
         ids = []
         try:

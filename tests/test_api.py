@@ -153,6 +153,8 @@ def test_bad_parameters_images_and_streams_are_refused(vlm, tmp_path):
         vlm.generate(user("?", str(tmp_path / "bad.png")))
     with pytest.raises(InputError, match="missing.png"):
         vlm.generate(user("?", str(tmp_path / "missing.png")))
+    with pytest.raises(InputError, match="missing.png"):  # a batch is prepared in parallel: the error still surfaces
+        vlm.generate([user("fine", picture(5)), user("?", str(tmp_path / "missing.png")), user("fine too")])
     assert not vlm.engine.has_unfinished()
 
 
