@@ -153,7 +153,7 @@ def test_bad_parameters_images_and_streams_are_refused(vlm, tmp_path):
         vlm.generate(user("?", str(tmp_path / "bad.png")))
     with pytest.raises(InputError, match="missing.png"):
         vlm.generate(user("?", str(tmp_path / "missing.png")))
-    with pytest.raises(InputError, match="missing.png"):  # a batch is prepared in parallel: the error still surfaces
+    with pytest.raises(InputError, match="missing.png"):  # a bad conversation in a batch: nothing is queued
         vlm.generate([user("fine", picture(5)), user("?", str(tmp_path / "missing.png")), user("fine too")])
     assert not vlm.engine.has_unfinished()
 

@@ -5,8 +5,7 @@ so RoPE positions are cache positions and a row's length is all the engine needs
 attends keys 0..S-1 with mask `arange(S) <= pos[b]`, where S is the longest row rounded up (known on the host
 without a sync), so short batches never attend over the whole cache.
 
-Life of a request. `add_request` prepares the inputs (chat template, images) in the caller's thread and queues it
-(`prepare_all` prepares a batch's conversations in parallel threads).
+Life of a request. `add_request` prepares the inputs (chat template, images) in the caller's thread and queues it.
 `step` then (1) drops aborted requests, (2) decodes one token for every running row, (3) admits queued requests into
 free slots with one batched prefill: right-padded prompts under plain causal attention, the image tiles of all of
 them encoded as one batch. A request that finishes leaves at once; the last row is moved into its hole, so active
@@ -22,7 +21,6 @@ import itertools
 import json
 import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,16 +106,10 @@ def prepare(processor, messages, **options) -> Prompt:
 
 
 def prepare_all(processor, conversations: list, **options) -> list[Prompt]:
-    """`prepare` for each conversation (Prompts pass through), in parallel threads: Pillow's decoding and resizing
-    release the GIL (8 one-tile conversations: 0.41 s instead of 0.76 on 2 cores). The first error is raised."""
-    def one(item):
-        return item if isinstance(item, Prompt) else prepare(processor, item, **options)
-
-    workers = min(len(conversations), torch.get_num_threads())
-    if workers < 2:
-        return [one(item) for item in conversations]
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(one, conversations))
+    """`prepare` for each conversation; Prompts pass through. One at a time: preparing in threads (Pillow releases
+    the GIL) took 8 one-tile conversations from 0.76 to 0.41 s on 2 cores, but the threads' malloc arenas kept
+    45-85 MB more at the peak of a batch, level with the reference's peak."""
+    return [item if isinstance(item, Prompt) else prepare(processor, item, **options) for item in conversations]
 
 
 def end_token_ids(folder: str | Path, tokenizer) -> list[int]:
