@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 . .venv/bin/activate
 python -m pip install -q --disable-pip-version-check "torch==2.13.0"
 python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
-python -c "from smolvlm.model import kernels; kernels.build()"  # builds the C++ CPU kernels once (~25 s; cached by torch)
+python -c "from smolvlm.model import kernels; kernels.build()"  # builds the C++ CPU kernels once (~30 s; cached in ~/.cache/smolvlm)

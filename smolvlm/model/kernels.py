@@ -1,8 +1,8 @@
-"""The C++ CPU kernels of csrc/: packed matmuls, a whole text-decoder step in one call, and the vision
-tower's attention.
+"""The C++ CPU kernels of csrc/: packed matmuls, a whole text-decoder step in one call, and the vision tower's
+attention and residual-add + LayerNorm.
 
-Built on first use with torch's extension builder (a C++ compiler is needed; ~25 s once, then loaded from torch's
-extension cache in well under a second) for CPUs with AVX512-BF16, e.g. AMD Zen 4 and Intel Cooper Lake or newer.
+Built on first use with torch's extension builder (a C++ compiler is needed; ~30 s once, then loaded from
+~/.cache/smolvlm in well under a second) for CPUs with AVX512-BF16, e.g. AMD Zen 4 and Intel Cooper Lake or newer.
 Anywhere else `load()` says None and the model keeps torch's oneDNN path (smolvlm/model/fast.py).
 """
 
@@ -24,7 +24,7 @@ SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))  # and their co
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
 DTYPES = (torch.bfloat16, torch.float32)
-STALE_LOCK_S = 600  # a build takes ~25 s on 2 cores
+STALE_LOCK_S = 600  # a build takes ~30 s on 2 cores
 
 
 def cpu_supported() -> bool:
@@ -57,16 +57,17 @@ def load():
     where = hashlib.sha1(str(SOURCES[0].parent).encode()).hexdigest()[:10]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     build = cache / "smolvlm" / f"kernels-{torch.__version__}-{where}"
-    build.mkdir(parents=True, exist_ok=True)
-    clear_stale_lock(build)
     start = time.perf_counter()
     try:
+        build.mkdir(parents=True, exist_ok=True)
+        clear_stale_lock(build)
         module = cpp_extension.load(
             "smolvlm_kernels", [str(p) for p in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
             build_directory=str(build), verbose=False,
         )  # fmt: skip
-    except Exception as e:  # no compiler or ninja, or a compiler without these intrinsics: torch's kernels still work
-        lines = str(e).splitlines()
+    # No compiler or ninja, an unwritable cache folder, or a compiler without these intrinsics: torch's kernels work.
+    except Exception as e:
+        lines = str(e).splitlines() or [type(e).__name__]
         reason = next((line for line in lines if "error" in line.lower() and "Error building" not in line), lines[0])
         log.warning("smolvlm: C++ CPU kernels unavailable, using torch's kernels (%s)", reason.strip()[:300])
         return None

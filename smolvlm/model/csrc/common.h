@@ -42,8 +42,10 @@ inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps
 inline __m512 load16(const bf16* p, __mmask16 m) { return _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(m, p)); }
 inline __m512 round16(__m512 v, float) { return v; }
 inline __m512 round16(__m512 v, bf16) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v)); }
-inline void store16(float* y, __m512 v) { _mm512_storeu_ps(y, v); }
-inline void store16(bf16* y, __m512 v) { _mm256_storeu_si256((__m256i*)y, (__m256i)_mm512_cvtneps_pbh(v)); }
+// The lanes of a 16-wide step that hold data when `remaining` elements are left.
+inline __mmask16 tail_mask(int64_t remaining) {
+  return remaining >= 16 ? __mmask16(0xffff) : __mmask16((1u << remaining) - 1);
+}
 
 // 32 packed weights (16 rows x 2 input channels) as bf16: loaded, or converted from int8 (small integers are exact
 // in bf16; the scale is applied to the sums).
@@ -134,13 +136,36 @@ inline __m512 exp_ps(__m512 x) {
   return _mm512_maskz_mov_ps(normal, _mm512_scalef_ps(p, n));
 }
 
+// A softmax's numerators: out[0:len] = exp(x - max(x)) with x = s * scale (+ additive mask), x kept in s; returns
+// 1 / their sum. Two passes over the row, the second writing the numerators in out's type.
+template <typename T>
+float softmax_numerators(float* s, int64_t len, float scale, const float* mask, T* out) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < len; j += 16) {
+    const __mmask16 m = tail_mask(len - j);
+    __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + j), _mm512_set1_ps(scale));
+    if (mask) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, mask + j));
+    _mm512_mask_storeu_ps(s + j, m, x);
+    mx = _mm512_mask_max_ps(mx, m, mx, x);
+  }
+  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < len; j += 16) {
+    const __mmask16 m = tail_mask(len - j);
+    const __m512 e = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), top)));
+    store16(out + j, e, m);
+    sum = _mm512_add_ps(sum, e);
+  }
+  return 1.0f / _mm512_reduce_add_ps(sum);
+}
+
 // y [M, N] (fp32, row stride ldy) = x [M, K] (row stride ldx) @ W^T for W packed, on this thread.
 template <typename T>
 void matmul_serial(const T* x, int64_t ldx, int64_t M, int64_t K, const T* w, int64_t N, float* y, int64_t ldy) {
   for (int64_t n0 = 0; n0 < N; n0 += 16) {
-    const __mmask16 mask = N - n0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (N - n0)) - 1);
     for (int64_t m = 0; m < M; m += MT_MAX)
-      tiles(x + m * ldx, ldx, w + n0 * K, K, y + m * ldy + n0, ldy, std::min(MT_MAX, M - m), mask, nullptr);
+      tiles(x + m * ldx, ldx, w + n0 * K, K, y + m * ldy + n0, ldy, std::min(MT_MAX, M - m), tail_mask(N - n0),
+            nullptr);
   }
 }
 

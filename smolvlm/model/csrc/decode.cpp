@@ -75,28 +75,13 @@ torch::Tensor decode(torch::Tensor h, const torch::Tensor& pos, const std::vecto
         const float* vr = Vc + (b * s.Hkv + hd / group) * s.S * Dh;
         for (int64_t i = 0; i < Dh; ++i) qf[i] = to_f(q[b * QKV + hd * Dh + i]);
         scores.resize(len);
-        float mx = -INFINITY;
         for (int64_t j = 0; j < len; ++j) {
           __m512 acc = _mm512_setzero_ps();
           for (int64_t i = 0; i < Dh; i += 16)
             acc = _mm512_fmadd_ps(_mm512_loadu_ps(qf.data() + i), _mm512_loadu_ps(kr + j * Dh + i), acc);
-          scores[j] = _mm512_reduce_add_ps(acc) * scale;
-          mx = std::max(mx, scores[j]);
+          scores[j] = _mm512_reduce_add_ps(acc);
         }
-        __m512 sum = _mm512_setzero_ps();
-        int64_t j = 0;
-        for (; j + 16 <= len; j += 16) {
-          __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(scores.data() + j), _mm512_set1_ps(mx)));
-          _mm512_storeu_ps(scores.data() + j, e);
-          sum = _mm512_add_ps(sum, e);
-        }
-        if (j < len) {
-          const __mmask16 m = __mmask16((1u << (len - j)) - 1);
-          __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores.data() + j), _mm512_set1_ps(mx)));
-          _mm512_mask_storeu_ps(scores.data() + j, m, e);
-          sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
-        }
-        const float inv = 1.0f / _mm512_reduce_add_ps(sum);
+        const float inv = softmax_numerators(scores.data(), len, scale, nullptr, scores.data());
         for (auto& o : out) o = _mm512_setzero_ps();
         for (int64_t j2 = 0; j2 < len; ++j2) {
           const __m512 p = _mm512_set1_ps(scores[j2]);
@@ -119,7 +104,7 @@ torch::Tensor decode(torch::Tensor h, const torch::Tensor& pos, const std::vecto
     T* g = ptr<T>(gu);
     for (int64_t b = 0; b < n; ++b)  // silu(gate) rounded, times up, rounded
       for (int64_t i = 0; i < s.I; i += 16) {
-        const __mmask16 m = s.I - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (s.I - i)) - 1);
+        const __mmask16 m = tail_mask(s.I - i);
         const __m512 gate = load16(g + b * 2 * s.I + i, m), up = load16(g + b * 2 * s.I + s.I + i, m);
         const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gate));  // exp(-gate)
         const __m512 silu = _mm512_div_ps(gate, _mm512_add_ps(_mm512_set1_ps(1.0f), e));

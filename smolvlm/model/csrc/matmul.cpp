@@ -23,7 +23,7 @@ void matmul(const X* x, int64_t M, int64_t K, const Weight& W, O* y, int64_t N) 
       std::vector<X> buffer(scale && mc > MT_MAX ? block : 0);
       for (int64_t nb = b; nb < e; ++nb) {
         const int64_t n0 = nb * 16;
-        const __mmask16 mask = N - n0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (N - n0)) - 1);
+        const __mmask16 mask = tail_mask(N - n0);
         auto run = [&](const auto* wb) {
           for (int64_t m = 0; m < mc; m += MT_MAX)
             tiles(x + (m0 + m) * K, K, wb, K, y + (m0 + m) * N + n0, N, std::min(MT_MAX, mc - m), mask,

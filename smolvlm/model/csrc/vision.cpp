@@ -45,7 +45,7 @@ void attention(const T* q, const T* k, const T* v, const float* mask, T* out, in
   const int64_t D = H * Dh, Lp = (L + 15) / 16 * 16, Dp = (Dh + 15) / 16 * 16;
   const float scale = 1.0f / std::sqrt(float(Dh));
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> keys(Lp * Dh, T(0)), values(Dp * Lp, T(0)), probs(Q_BLOCK * Lp);
+    std::vector<T> keys(Lp * Dh, T(0)), values(Dp * Lp, T(0)), probs(Q_BLOCK * Lp, T(0));
     std::vector<float> scores(Q_BLOCK * Lp), o(Q_BLOCK * Dh), inv(Q_BLOCK);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / H, h = task % H, base = b * L * D + h * Dh;
@@ -54,27 +54,9 @@ void attention(const T* q, const T* k, const T* v, const float* mask, T* out, in
       for (int64_t i0 = 0; i0 < L; i0 += Q_BLOCK) {
         const int64_t rows = std::min(Q_BLOCK, L - i0);
         matmul_serial(q + base + i0 * D, D, rows, Dh, keys.data(), Lp, scores.data(), Lp);  // [rows, Lp]
-        for (int64_t i = 0; i < rows; ++i) {  // softmax numerators (padded keys 0), rounded to T; 1 / denominators
-          float* s = scores.data() + i * Lp;
-          __m512 mx = _mm512_set1_ps(-INFINITY);
-          for (int64_t j = 0; j < Lp; j += 16) {  // scaled and masked scores; padded keys -inf
-            const __mmask16 m = L - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (L - j)) - 1);
-            __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + j), _mm512_set1_ps(scale));
-            if (mask) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, mask + b * L + j));
-            x = _mm512_mask_blend_ps(m, _mm512_set1_ps(-INFINITY), x);
-            _mm512_storeu_ps(s + j, x);
-            mx = _mm512_max_ps(mx, x);
-          }
-          const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-          __m512 sum = _mm512_setzero_ps();
-          T* p = probs.data() + i * Lp;
-          for (int64_t j = 0; j < Lp; j += 16) {
-            const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), top));  // exp(-inf) = 0
-            sum = _mm512_add_ps(sum, e);
-            store16(p + j, e);
-          }
-          inv[i] = 1.0f / _mm512_reduce_add_ps(sum);
-        }
+        for (int64_t i = 0; i < rows; ++i)  // numerators rounded to T (padded keys' lanes stay 0); 1 / denominators
+          inv[i] = softmax_numerators(scores.data() + i * Lp, L, scale, mask ? mask + b * L : nullptr,
+                                      probs.data() + i * Lp);
         matmul_serial(probs.data(), Lp, rows, Lp, values.data(), Dh, o.data(), Dh);  // [rows, Dh]
         for (int64_t i = 0; i < rows; ++i)
           for (int64_t d = 0; d < Dh; ++d) out[base + (i0 + i) * D + d] = from_f<T>(o[i * Dh + d] * inv[i]);
@@ -92,7 +74,7 @@ void add_layer_norm(const T* x, const T* y, const T* weight, const T* bias, T* h
     for (int64_t r = begin; r < end; ++r) {
       __m512 sum = _mm512_setzero_ps(), sq = _mm512_setzero_ps();
       for (int64_t i = 0; i < D; i += 16) {
-        const __mmask16 m = D - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (D - i)) - 1);
+        const __mmask16 m = tail_mask(D - i);
         const __m512 v = round16(_mm512_add_ps(load16(x + r * D + i, m), load16(y + r * D + i, m)), T());
         store16(h + r * D + i, v, m);
         _mm512_storeu_ps(row.data() + i, v);
@@ -100,13 +82,13 @@ void add_layer_norm(const T* x, const T* y, const T* weight, const T* bias, T* h
       }
       const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / D);
       for (int64_t i = 0; i < D; i += 16) {
-        const __mmask16 m = D - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (D - i)) - 1);
+        const __mmask16 m = tail_mask(D - i);
         const __m512 c = _mm512_maskz_sub_ps(m, _mm512_loadu_ps(row.data() + i), mean);
         sq = _mm512_fmadd_ps(c, c, sq);
       }
       const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(sq) / D + eps));
       for (int64_t i = 0; i < D; i += 16) {
-        const __mmask16 m = D - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (D - i)) - 1);
+        const __mmask16 m = tail_mask(D - i);
         const __m512 c = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(row.data() + i), mean), rstd);
         store16(out + r * D + i, _mm512_fmadd_ps(c, load16(weight + i, m), load16(bias + i, m)), m);
       }
