@@ -3,6 +3,9 @@
 Messages are chat turns as the processor reads them: `[{"role": "user", "content": [{"type": "image", "image": ...},
 {"type": "text", "text": "..."}]}]` (HF or OpenAI content blocks; images by path, URL, bytes, base64 or PIL), or
 plain string content. A bare string is one user message. A list of conversations is generated as one batch.
+
+Structured output: `json_schema=` (a dict, or a pydantic model class: `generate` then returns a validated instance),
+`regex=` or `choices=` constrain the answer (smolvlm/generation/constraints.py).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from tqdm.auto import tqdm
 from . import hub
 from .errors import InputError, SmolVLMError
 from .generation import Engine, GenerationResult, SamplingParams, StepOutput, end_token_ids, prepare_all
+from .generation.constraints import Grammar
 from .model import Model
 from .processing import Processor
 
@@ -64,12 +68,16 @@ class SmolVLM:
         self.engine: Engine | None = None  # made on first use, remade larger when a call needs more room
         self.unread: dict[str, list[StepOutput]] = {}  # outputs of this object's open requests, not yet read
 
-    def generate(self, messages, **params) -> str | list[str]:
+    def generate(self, messages, **params):
         """The answer text (greedy unless temperature > 0), or a list of them for a list of conversations.
-        Parameters: max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop; and for the
-        processor: fps and max_frames (video frame sampling), do_image_splitting."""
+        Parameters: max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop; for the
+        processor: fps and max_frames (video frame sampling), do_image_splitting; one constraint: json_schema (dict
+        or pydantic model class), regex (the whole answer matches it) or choices (the answer is one of them).
+        With a pydantic model class as json_schema, the answer is returned as a validated instance of it."""
+        model = params.get("json_schema")
         results = self.complete(messages, **params)
-        return [r.text for r in results] if isinstance(results, list) else results.text
+        answers = [_parsed(r, model) for r in (results if isinstance(results, list) else [results])]
+        return answers if isinstance(results, list) else answers[0]
 
     def complete(self, messages, **params) -> GenerationResult | list[GenerationResult]:
         """Like `generate`, with each answer's finish_reason ("stop"/"length"), token ids and token counts."""
@@ -103,7 +111,7 @@ class SmolVLM:
         """Queue the conversations (all checked first) on an engine with room for them."""
         options = {k: params.pop(k) for k in PROCESSOR_OPTIONS if k in params}
         options = {k: v for k, v in options.items() if v is not None}  # None: the checkpoint's setting
-        sampling = SamplingParams(**params)
+        sampling = SamplingParams(**params, grammar=_grammar(params))
         prompts = prepare_all(self.processor, batch, **options)
         engine = self._engine(len(prompts), max(len(p) for p in prompts) + sampling.max_new_tokens)
         ids = []
@@ -147,6 +155,27 @@ class SmolVLM:
         self.engine = engine = None  # free the old cache before allocating the new one
         self.engine = Engine(self.model, self.processor, self.end_ids, max_batch=batch, max_len=length)
         return self.engine
+
+
+def _grammar(params: dict) -> Grammar | None:
+    """The one constraint among the json_schema / regex / choices parameters (popped from `params`), as a Grammar."""
+    given = {k: v for k in ("json_schema", "regex", "choices") if (v := params.pop(k, None)) is not None}
+    if len(given) > 1:
+        raise InputError(f"Give one constraint, not {' and '.join(given)}")
+    if not given:
+        return None
+    (kind, value), = given.items()
+    return {"json_schema": Grammar.json_schema, "regex": Grammar.regex, "choices": Grammar.choice}[kind](value)
+
+
+def _parsed(result: GenerationResult, model):
+    """The answer: its text, or an instance of the pydantic model class `model` validated from it."""
+    if not (isinstance(model, type) and hasattr(model, "model_validate_json")):
+        return result.text
+    if result.finish_reason == "length":
+        raise InputError(f"The answer was cut at {result.completion_tokens} tokens (max_new_tokens) before its JSON "
+                         f"was complete, so it can't be a {model.__name__}; allow more tokens: {result.text!r:.200}")
+    return model.model_validate_json(result.text)
 
 
 def _as_batch(messages) -> tuple[list, bool]:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
+from pathlib import Path
 
-from .errors import SmolVLMError
+from .errors import InputError, SmolVLMError
 
 COMMANDS = [
     "smolvlm.cli:add_generate",
@@ -54,6 +56,27 @@ def sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int = 512)
     parser.add_argument("--seed", type=int, help="makes sampling reproducible")
 
 
+def constraint_options(parser: argparse.ArgumentParser) -> None:
+    """Structured output: one of --json-schema, --regex, --choice."""
+    parser.add_argument("--json-schema", metavar="FILE", help="the answer is JSON valid under this JSON schema file")
+    parser.add_argument("--regex", help="the answer matches this regular expression (the whole answer)")
+    parser.add_argument("--choice", action="append", dest="choices",
+                        help="the answer is one of these strings (repeat: --choice yes --choice no)")
+
+
+def _constraint(args) -> dict:
+    if args.json_schema is None:
+        return dict(regex=args.regex, choices=args.choices)
+    try:
+        schema = Path(args.json_schema).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"--json-schema {args.json_schema}: can't read the file ({e})") from None
+    try:
+        return dict(json_schema=json.loads(schema), regex=args.regex, choices=args.choices)
+    except json.JSONDecodeError as e:
+        raise InputError(f"--json-schema {args.json_schema}: not valid JSON ({e})") from None
+
+
 def add_generate(subparsers) -> None:
     p = subparsers.add_parser("generate", help="answer one prompt, streaming the answer to stdout")
     p.add_argument("prompt")
@@ -63,6 +86,7 @@ def add_generate(subparsers) -> None:
     model_options(p)
     sampling_options(p)
     media_options(p)
+    constraint_options(p)
     p.set_defaults(run=run_generate)
 
 
@@ -103,7 +127,7 @@ def _print_stream(pieces) -> str:
 
 def run_generate(args) -> int:
     vlm = _load(args)
-    _print_stream(vlm.stream([_user(args.prompt, args.image, args.video)], **_params(args)))
+    _print_stream(vlm.stream([_user(args.prompt, args.image, args.video)], **_params(args), **_constraint(args)))
     return 0
 
 

@@ -28,6 +28,7 @@ import torch
 
 from ..errors import ConfigError, InputError
 from ..model.kv_cache import KVCache
+from .constraints import Matcher, grammars_for
 from .detokenizer import Detokenizer
 from .sampling import Sampler, SamplingParams
 
@@ -86,6 +87,7 @@ class Request:
     slot: int = -1
     length: int = 0  # tokens in the cache row (host copy of Engine.pos[slot])
     finish_reason: str | None = None
+    matcher: Matcher | None = None  # the parser of a constrained answer (params.grammar)
 
     def result(self) -> GenerationResult:
         return GenerationResult(
@@ -230,7 +232,19 @@ class Engine:
                 f"= {n_frames * config.image_seq_len}; build it with the processor, and don't truncate it"
             )
         request_id = str(next(self.ids)) if request_id is None else request_id
-        return Request(request_id, prompt, params, Detokenizer(self.processor.tokenizer, params.stop))
+        matcher = None if params.grammar is None else self.grammars.matcher(params.grammar)  # InputError if bad
+        return Request(request_id, prompt, params, Detokenizer(self.processor.tokenizer, params.stop), matcher=matcher)
+
+    @property
+    def grammars(self):
+        """Compiles grammars and masks the logits of constrained rows (made on the first constrained request)."""
+        return grammars_for(self.processor.tokenizer, self.end_ids)
+
+    def _logits(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """logits [n, V] of `requests` with what their grammars forbid masked out (constrained rows only)."""
+        if all(r.matcher is None for r in requests):
+            return logits
+        return self.grammars.mask(logits, [r.matcher for r in requests])
 
     def _queue(self, requests: list[Request]) -> None:
         with self.lock:
@@ -244,7 +258,8 @@ class Engine:
     def _decode(self) -> list[StepOutput]:
         n = len(self.running)
         keys = min(self.max_len, -(-(max(r.length for r in self.running) + 1) // KEY_BLOCK) * KEY_BLOCK)
-        tokens = self.sampler(self.model.decode(self.last[:n], self.pos[:n], self.cache, keys))  # [n]
+        logits = self.model.decode(self.last[:n], self.pos[:n], self.cache, keys)  # [n, V]
+        tokens = self.sampler(self._logits(logits, self.running))  # [n]
         self.last[:n] = tokens
         self.pos[:n] += 1
         for r in self.running:
@@ -270,7 +285,7 @@ class Engine:
         for i, r in enumerate(new):
             r.slot, r.length = start + i, lengths[i]
             self.sampler.set(r.slot, r.params, r.prompt.input_ids)
-        tokens = self.sampler(self.model.lm_head(hidden), start=start)
+        tokens = self.sampler(self._logits(self.model.lm_head(hidden), new), start=start)
         self.last[start : start + k] = tokens
         self.pos[start : start + k] = last + 1
         self.running += new
@@ -291,8 +306,8 @@ class Engine:
         for r, token in zip(requests, tokens.tolist()):
             r.output_ids.append(token)
             text = "" if token in self.end_ids else r.detok.add(token)
-            if token in self.end_ids or r.detok.stopped:
-                r.finish_reason = "stop"
+            if token in self.end_ids or r.detok.stopped or (r.matcher is not None and r.matcher.advance(token)):
+                r.finish_reason = "stop"  # an end token, a stop string, or the grammar is complete
             elif len(r.output_ids) >= r.params.max_new_tokens or r.length >= self.max_len:  # no room for the token
                 r.finish_reason = "length"
             if r.finish_reason:

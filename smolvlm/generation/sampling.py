@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InputError
+from .constraints import Grammar
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to continue one prompt. temperature 0 is greedy decoding; top_k 0, top_p 1, min_p 0 and
-    repetition_penalty 1 switch the filter off. `stop` strings end the answer, which then does not include them."""
+    repetition_penalty 1 switch the filter off. `stop` strings end the answer, which then does not include them.
+    `grammar` constrains the answer (a JSON schema, regex or choices; see constraints.py)."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -31,6 +33,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default=())
+    grammar: Grammar | None = None
 
     def __post_init__(self):
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -44,6 +47,7 @@ class SamplingParams:
             ("repetition_penalty", _number(self.repetition_penalty) and self.repetition_penalty > 0, "a number > 0"),
             ("seed", self.seed is None or isinstance(self.seed, int), "an integer or None"),
             ("stop", all(isinstance(s, str) and s for s in stop), "non-empty strings"),
+            ("grammar", self.grammar is None or isinstance(self.grammar, Grammar), "a Grammar or None"),
         ]
         for name, ok, expected in checks:
             if not ok:
