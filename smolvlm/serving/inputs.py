@@ -1,5 +1,5 @@
 """A validated chat-completions request -> the engine's inputs: the prompt (media fetched, checked, decoded and
-tokenized) and the sampling parameters.
+tokenized) and the sampling parameters (with the request's constraint: structured.py).
 
 `fetch_media` runs on the event loop (network I/O); `build_prompt` runs in a worker thread (decoding, resizing and
 tokenizing take milliseconds to seconds and must block neither the event loop nor the engine loop). Media reach the
@@ -22,6 +22,7 @@ from ..processing.video_decode import read_video
 from .fetch import Fetcher
 from .limits import Limits
 from .protocol import APIError, ChatCompletionRequest, ImagePart, VideoPart
+from .structured import grammar, history_content, tools_turn
 
 ROLES = {"developer": "system"}  # OpenAI's newer name for the system role
 
@@ -58,7 +59,7 @@ def build_prompt(processor, request: ChatCompletionRequest, media: dict[str, byt
             decoded[where] = {"type": "image", "image": decode_image(media[where], where, limits)}
         else:
             decoded[where] = {"type": "video", "video": load_video(processor, media[where], where, limits)}
-    messages = []
+    messages = tools_turn(request)
     for i, message in enumerate(request.messages):
         content = message.content
         if isinstance(content, list):
@@ -67,7 +68,7 @@ def build_prompt(processor, request: ChatCompletionRequest, media: dict[str, byt
                 else decoded[f"messages[{i}].content[{j}].{part.type}.url"]
                 for j, part in enumerate(content)
             ]  # fmt: skip
-        messages.append({"role": ROLES.get(message.role, message.role), "content": content})
+        messages.append({"role": ROLES.get(message.role, message.role), "content": history_content(message, content)})
     try:
         return prepare(processor, messages)
     except InputError as e:
@@ -142,6 +143,7 @@ def sampling_params(request: ChatCompletionRequest, prompt_tokens: int, context:
             repetition_penalty=request.repetition_penalty or 1.0,
             seed=request.seed,
             stop=stop,
+            grammar=grammar(request),
         )
     except InputError as e:
         raise APIError(str(e), 400) from None

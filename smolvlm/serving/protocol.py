@@ -1,8 +1,9 @@
 """The OpenAI chat-completions wire format: request models (validated with pydantic) and response builders.
 
 Requests follow https://platform.openai.com/docs/api-reference/chat/create. Fields we don't know are ignored, as
-OpenAI ignores them; fields OpenAI knows but we can't honour (n > 1, logprobs, tools, penalties) are refused with a
-clear error rather than silently dropped. Extensions (as vLLM accepts them): top_k, min_p, repetition_penalty.
+OpenAI ignores them; fields OpenAI knows but we can't honour (n > 1, logprobs, penalties) are refused with a
+clear error rather than silently dropped. Extensions (as vLLM accepts them): top_k, min_p, repetition_penalty, and the
+structured-output fields guided_json, guided_regex, guided_choice and structured_outputs (structured.py).
 """
 
 from __future__ import annotations
@@ -40,13 +41,90 @@ class VideoPart(_Base):
 Part = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
+class FunctionCall(_Base):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Base):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class Message(_Base):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | Annotated[list[Part], Field(min_length=1)]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | Annotated[list[Part], Field(min_length=1)] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+
+    @model_validator(mode="after")
+    def _content(self):
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be null only in an assistant message with tool_calls)")
+        return self
 
 
 class TextFormat(_Base):
     type: Literal["text"]
+
+
+class JSONObjectFormat(_Base):
+    type: Literal["json_object"]
+
+
+class JSONSchema(_Base):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict = Field(default_factory=dict, alias="schema")  # {} = any JSON value
+    strict: bool | None = None  # the schema is always enforced
+
+
+class JSONSchemaFormat(_Base):
+    type: Literal["json_schema"]
+    json_schema: JSONSchema
+
+
+ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaFormat, Field(discriminator="type")]
+
+
+class StructuredOutputs(_Base):
+    """vLLM's structured_outputs: one of json (a schema), regex, choice, json_object."""
+
+    json_: dict | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    json_object: bool | None = None
+    grammar: str | None = None
+
+    @model_validator(mode="after")
+    def _supported(self):
+        if self.grammar is not None:
+            raise ValueError("grammar is not supported; use json, regex or choice")
+        return self
+
+
+class Function(_Base):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema; None: no arguments
+    strict: bool | None = None  # the schema is always enforced
+
+
+class Tool(_Base):
+    type: Literal["function"]
+    function: Function
+
+
+class FunctionName(_Base):
+    name: str
+
+
+class NamedToolChoice(_Base):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class StreamOptions(_Base):
@@ -66,8 +144,14 @@ class ChatCompletionRequest(_Base):
     stream_options: StreamOptions | None = None
     n: Literal[1] | None = 1
     logprobs: Literal[False] | None = None
-    tools: Annotated[list, Field(max_length=0)] | None = None
-    response_format: TextFormat | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    structured_outputs: StructuredOutputs | None = None
     logit_bias: Annotated[dict, Field(max_length=0)] | None = None
     frequency_penalty: Literal[0] | None = None
     presence_penalty: Literal[0] | None = None
@@ -118,8 +202,6 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
 UNSUPPORTED = {  # field -> why a non-default value is refused
     "n": "only n=1 is supported",
     "logprobs": "logprobs are not supported",
-    "tools": "tool calling is not supported",
-    "response_format": "only response_format {'type': 'text'} is supported",
     "logit_bias": "logit_bias is not supported",
     "frequency_penalty": "frequency_penalty is not supported (use repetition_penalty)",
     "presence_penalty": "presence_penalty is not supported (use repetition_penalty)",
@@ -134,7 +216,7 @@ def validation_error(e: ValidationError) -> tuple[str, str | None]:
     if field in UNSUPPORTED:
         return f"{field}: {UNSUPPORTED[field]}", field
     message = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "union_tag_not_found":
+    if err["type"] == "union_tag_not_found" and ".content" in param:
         message = "a content part needs a 'type': 'text', 'image_url' or 'video_url'"
     elif err["type"] not in ("missing", "union_tag_invalid", "value_error"):
         message += f" (got {err['input']!r:.100})"
@@ -159,12 +241,16 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion(id: str, model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict:
+def completion(id: str, model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
+               tool_calls: list[dict] | None = None) -> dict:
+    """A chat.completion; with tool_calls, the message holds them instead of text (finish_reason "tool_calls")."""
+    message = {"role": "assistant", "content": text}
+    if tool_calls:
+        message, finish_reason = {"role": "assistant", "content": None, "tool_calls": tool_calls}, "tool_calls"
     return {
         "id": id, "object": "chat.completion", "created": int(time.time()), "model": model,
         "system_fingerprint": None,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                     "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
         "usage": usage(prompt_tokens, completion_tokens),
     }  # fmt: skip
 

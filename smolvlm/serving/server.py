@@ -29,6 +29,7 @@ from .fetch import Fetcher
 from .inputs import build_prompt, fetch_media, sampling_params
 from .limits import Limits
 from .protocol import APIError, ChatCompletionRequest
+from .structured import calls_tools, check, grammar, tool_calls
 from .worker import Worker
 
 log = logging.getLogger("smolvlm.serving")
@@ -120,6 +121,7 @@ def create_app(vlm, model_name: str, limits: Limits = Limits(), max_batch: int =
             raise APIError("The server is shutting down", 503, None, None, "server_error")
 
         async def prepare() -> tuple[Prompt, SamplingParams]:
+            await loop.run_in_executor(app.state.pool, check, vlm, grammar(chat), chat)  # a bad schema: 400 first
             media = await fetch_media(chat, app.state.fetcher, limits)
             prompt = await loop.run_in_executor(app.state.pool, build_prompt, vlm.processor, chat, media, limits)
             return prompt, sampling_params(chat, len(prompt), context, limits)
@@ -139,7 +141,8 @@ def create_app(vlm, model_name: str, limits: Limits = Limits(), max_batch: int =
                     async for out in outputs:
                         text += out.text
                         finish, completion_tokens = out.finish_reason, out.completion_tokens
-                return protocol.completion(request_id, model_name, text, finish, len(prompt), completion_tokens)
+                calls = tool_calls(chat, text) if calls_tools(chat) and finish == "stop" else None
+                return protocol.completion(request_id, model_name, text, finish, len(prompt), completion_tokens, calls)
 
             return JSONResponse(await _unless_disconnected(request, answer()))
         except ClientGone:
@@ -226,16 +229,25 @@ async def _sse(worker: Worker, request_id: str, prompt: Prompt, params: Sampling
         return event(protocol.chunk(request_id, model_name, created, delta, finish, with_usage))
 
     yield chunk({"role": "assistant", "content": ""})
+    tools, held = calls_tools(chat), ""  # a tool call is sent whole once complete (its text is held until then)
     try:
         async with aclosing(_outputs(worker, request_id, prompt, params)) as outputs:
             async for out in outputs:
-                if out.text:
+                if tools:
+                    held += out.text
+                elif out.text:
                     yield chunk({"content": out.text})
-                if out.finished:
-                    yield chunk({}, out.finish_reason)
-                    if with_usage:
-                        yield event(protocol.usage_chunk(request_id, model_name, created, len(prompt),
-                                                         out.completion_tokens))
+                if not out.finished:
+                    continue
+                calls = tool_calls(chat, held) if tools and out.finish_reason == "stop" else None
+                if calls:
+                    yield chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
+                elif held:
+                    yield chunk({"content": held})
+                yield chunk({}, "tool_calls" if calls else out.finish_reason)
+                if with_usage:
+                    yield event(protocol.usage_chunk(request_id, model_name, created, len(prompt),
+                                                     out.completion_tokens))
     except APIError as e:  # the status line is gone already: report it in the stream, as OpenAI does
         yield event(e.body())
     yield "data: [DONE]\n\n"
