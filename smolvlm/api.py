@@ -111,7 +111,8 @@ class SmolVLM:
         """Queue the conversations (all checked first) on an engine with room for them."""
         options = {k: params.pop(k) for k in PROCESSOR_OPTIONS if k in params}
         options = {k: v for k, v in options.items() if v is not None}  # None: the checkpoint's setting
-        sampling = SamplingParams(**params, grammar=_grammar(params))
+        grammar = _grammar(params)  # pops json_schema / regex / choices
+        sampling = SamplingParams(**params, grammar=grammar)
         prompts = prepare_all(self.processor, batch, **options)
         engine = self._engine(len(prompts), max(len(p) for p in prompts) + sampling.max_new_tokens)
         ids = []
