@@ -34,7 +34,8 @@ def vlm(tiny_v2, request):
 
 
 def test_pydantic_class_gives_validated_instances(vlm):
-    pets = vlm.generate([f"Describe pet {i}." for i in range(12)], json_schema=Pet, temperature=1.0, seed=3, max_new_tokens=120)
+    pets = vlm.generate([f"Describe pet {i}." for i in range(12)], json_schema=Pet, temperature=1.0, seed=3,
+                        max_new_tokens=120)
     assert all(isinstance(p, Pet) for p in pets) and len({p.model_dump_json() for p in pets}) > 1
     assert isinstance(vlm.generate("Describe a pet.", json_schema=Pet, max_new_tokens=120), Pet)  # greedy
 

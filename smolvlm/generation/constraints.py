@@ -87,7 +87,8 @@ class Grammar:
             return llguidance.LLMatcher.grammar_from_regex(self.source)
         if self.kind == "choice":
             # Lark string literals take JSON's escapes, so json.dumps quotes any choice exactly.
-            return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(map(json.dumps, json.loads(self.source))))
+            choices = " | ".join(map(json.dumps, json.loads(self.source)))
+            return llguidance.LLMatcher.grammar_from_lark(f"start: {choices}")
         raise InputError(f"Unknown grammar kind {self.kind!r}: expected json_schema, json_object, regex or choice")
 
     def describe(self) -> str:
