@@ -74,9 +74,9 @@ class SmolVLM:
         processor: fps and max_frames (video frame sampling), do_image_splitting; one constraint: json_schema (dict
         or pydantic model class), regex (the whole answer matches it) or choices (the answer is one of them).
         With a pydantic model class as json_schema, the answer is returned as a validated instance of it."""
-        model = params.get("json_schema")
+        schema = params.get("json_schema")
         results = self.complete(messages, **params)
-        answers = [_parsed(r, model) for r in (results if isinstance(results, list) else [results])]
+        answers = [_parsed(r, schema) for r in (results if isinstance(results, list) else [results])]
         return answers if isinstance(results, list) else answers[0]
 
     def complete(self, messages, **params) -> GenerationResult | list[GenerationResult]:

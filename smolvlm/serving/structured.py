@@ -43,7 +43,8 @@ def check(vlm, grammar: Grammar | None, request: ChatCompletionRequest) -> None:
         grammars_for(vlm.processor.tokenizer, vlm.end_ids).compile(grammar)
     except InputError as e:
         param = next(param for param, _ in _constraints(request))
-        raise APIError(f"{param}: {e}", 400, param, "invalid_schema" if "JSON" in str(e) else None) from None
+        code = "invalid_schema" if grammar.kind in ("json_schema", "json_object") else None
+        raise APIError(f"{param}: {e}", 400, param, code) from None
 
 
 def _constraints(request: ChatCompletionRequest) -> list:
