@@ -90,6 +90,13 @@ def test_cut_by_max_tokens_gives_length_and_a_prefix(server):
     assert "antidisestablishmentarianism".startswith(choice["message"]["content"])
 
 
+def test_a_tool_call_cut_by_max_tokens_comes_back_as_text(server):
+    choice = answer(server.chat(**body(tools=[WEATHER], max_tokens=3,
+                                       tool_choice={"type": "function", "function": {"name": "get_weather"}})))
+    assert choice["finish_reason"] == "length" and "tool_calls" not in choice["message"]
+    assert choice["message"]["content"].startswith('{"')
+
+
 def test_unconstrained_request_beside_constrained_ones_keeps_its_answer(server):
     plain = body(messages=user("Tell me a story."), max_tokens=40, temperature=0)
     alone = answer(server.chat(**plain))
