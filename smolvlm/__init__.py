@@ -2,6 +2,8 @@
 
 from .errors import CheckpointError, ConfigError, InputError, SmolVLMError
 
+__version__ = "0.1.0"  # pyproject.toml reads it
+
 __all__ = [
     "CheckpointError", "ConfigError", "InputError", "Model", "Processor", "SmolVLM", "SmolVLMConfig", "SmolVLMError",
     "VideoFrames", "load", "load_image", "load_video",

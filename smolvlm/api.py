@@ -14,23 +14,25 @@ import os
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import closing
 
 import torch
 from tqdm.auto import tqdm
 
 from . import hub
+from .adapters import adapter_base, is_adapter, merge_adapter
+from .hub import DEFAULT_MODEL
 from .errors import InputError, SmolVLMError
 from .generation import Engine, GenerationResult, SamplingParams, StepOutput, end_token_ids, prepare_all
 from .generation.constraints import Grammar
 from .model import Model
 from .processing import Processor
 
-DEFAULT_MODEL = "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"
 MAX_BATCH = 16  # conversations decoded together; more wait in the engine's queue for a free slot
 LEN_BLOCK = 256  # the KV cache length is rounded up to a multiple of this
 # Per-call settings that go to the processor rather than the sampler: video frame sampling, and image splitting
-# (off: one tile per image, far faster on a CPU, at some cost in detail).
-PROCESSOR_OPTIONS = ("fps", "max_frames", "do_image_splitting")
+# (off: one tile per image, far faster on a CPU, at some cost in detail) with the resize before it (size).
+PROCESSOR_OPTIONS = ("fps", "max_frames", "do_image_splitting", "size")
 
 
 def load(
@@ -40,10 +42,15 @@ def load(
     revision: str | None = None,
     progress: bool = True,
     quantize: str | None = None,
+    adapter: str | os.PathLike | None = None,
 ) -> SmolVLM:
     """Load a checkpoint folder or hub repo id. dtype defaults to the checkpoint's own; device to CUDA if available,
     else the CPU. quantize="int8": int8 text-decoder weights (CPU). Progress bars (downloads, loading) go to stderr.
-    The model is fused for inference (`Model.fuse`); `vlm.model.unfuse()` gives back the HF module tree."""
+    The model is fused for inference (`Model.fuse`); `vlm.model.unfuse()` gives back the HF module tree.
+    `adapter`: a LoRA adapter folder merged into the weights (smolvlm/adapters.py); a LoRA adapter folder given as
+    `path_or_repo_id` is loaded onto the base model its adapter_config.json names."""
+    if adapter is None and is_adapter(path_or_repo_id):
+        adapter, path_or_repo_id = path_or_repo_id, adapter_base(path_or_repo_id)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # disable=None: shown on a terminal only, so logs and pipes get no bar fragments
     disable = None if progress else True
@@ -53,7 +60,11 @@ def load(
         bar.update()
         processor = Processor.from_pretrained(folder)
         bar.update()
-        model = Model.from_pretrained(folder, dtype=dtype, device=device, fuse=True, quantize=quantize)
+        if adapter is None:
+            model = Model.from_pretrained(folder, dtype=dtype, device=device, fuse=True, quantize=quantize)
+        else:  # peft wraps the HF module tree: merge first, fuse after
+            model = Model.from_pretrained(folder, dtype=dtype, device=device)
+            model = merge_adapter(model, adapter).fuse(quantize)
         bar.update()
     return SmolVLM(model, processor, end_token_ids(folder, processor.tokenizer))
 
@@ -71,7 +82,7 @@ class SmolVLM:
     def generate(self, messages, **params):
         """The answer text (greedy unless temperature > 0), or a list of them for a list of conversations.
         Parameters: max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop; for the
-        processor: fps and max_frames (video frame sampling), do_image_splitting; one constraint: json_schema (dict
+        processor: fps and max_frames (video frame sampling), do_image_splitting, size; one constraint: json_schema (dict
         or pydantic model class), regex (the whole answer matches it) or choices (the answer is one of them).
         With a pydantic model class as json_schema, the answer is returned as a validated instance of it."""
         schema = params.get("json_schema")
@@ -95,14 +106,20 @@ class SmolVLM:
 
     def stream(self, messages, **params) -> Iterator[str]:
         """The answer to one conversation as text pieces (never a split character); they join to `generate`'s."""
+        with closing(self.steps(messages, **params)) as steps:  # stopping early aborts the request
+            for out in steps:
+                if out.text:
+                    yield out.text
+
+    def steps(self, messages, **params) -> Iterator[StepOutput]:
+        """`stream`'s engine outputs: each step's text and token ids; the last one has the finish_reason and
+        token counts (what `smolvlm generate --json` reports, with timings)."""
         batch, single = _as_batch(messages)
         if not single:
             raise InputError("stream() takes one conversation; use generate() for a list of them")
         engine, (request_id,) = self._start(batch, params)
         try:
-            for out in self._outputs(engine, request_id):
-                if out.text:
-                    yield out.text
+            yield from self._outputs(engine, request_id)
         finally:
             if self.unread.pop(request_id, None) is not None:  # the caller stopped reading: free the slot
                 engine.abort(request_id)

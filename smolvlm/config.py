@@ -87,6 +87,10 @@ class SmolVLMConfig:
         """Read `folder/config.json`."""
         path = Path(folder) / "config.json"
         if not path.is_file():
+            if (Path(folder) / "adapter_config.json").is_file():
+                raise CheckpointError(f"{folder} is a LoRA adapter folder (adapter_config.json), not a checkpoint: "
+                                      f"load it with smolvlm.load({str(folder)!r}) or --model {folder} (its base model "
+                                      f"comes from adapter_config.json), or --model BASE --adapter {folder}")
             raise CheckpointError(f"No config.json in {folder}: not a SmolVLM checkpoint folder")
         try:
             d = json.loads(path.read_text(encoding="utf-8"))

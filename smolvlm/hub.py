@@ -11,6 +11,8 @@ from pathlib import Path
 
 from .errors import CheckpointError
 
+DEFAULT_MODEL = "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"  # every command's --model (or $SMOLVLM_MODEL)
+
 # Everything a checkpoint folder holds that we read: configs, tokenizer, chat template, weights.
 CHECKPOINT_PATTERNS = ["*.json", "*.jinja", "*.safetensors"]
 

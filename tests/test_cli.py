@@ -71,7 +71,7 @@ def test_chat_keeps_history_attaches_images_and_resets(tiny_v2, vlm, image, tmp_
         f"/image {image}",
         "What is in it?",
         f"/image {tmp_path / 'broken.png'}",
-        "And now?",  # refused (unreadable image): reported, the chat goes on without this turn
+        "And now?",  # the unreadable image was refused when attached: this turn has no image
         "/reset",
         "Hello there",
         "/quit",
@@ -81,8 +81,10 @@ def test_chat_keeps_history_attaches_images_and_resets(tiny_v2, vlm, image, tmp_
     assert out.returncode == 0, out.stderr
     p = dict(max_new_tokens=int(N))
     first = vlm.generate([user("Hello there")], **p)
-    second = vlm.generate([user("Hello there"), assistant(first), user("What is in it?", image)], **p)
-    assert out.stdout == f"{first}\n{second}\n{first}\n"
+    history = [user("Hello there"), assistant(first), user("What is in it?", image)]
+    second = vlm.generate(history, **p)
+    third = vlm.generate(history + [assistant(second), user("And now?")], **p)
+    assert out.stdout == f"{first}\n{second}\n{third}\n{first}\n"
     assert "broken.png" in out.stderr and "Traceback" not in out.stderr
 
 

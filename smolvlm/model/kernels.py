@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -61,6 +62,8 @@ def load():
     try:
         build.mkdir(parents=True, exist_ok=True)
         clear_stale_lock(build)
+        if not (build / "smolvlm_kernels.so").exists():  # the first run after install would otherwise stall silently
+            print(f"smolvlm: building CPU kernels, once, ~30 s (cached in {build})", file=sys.stderr, flush=True)
         module = cpp_extension.load(
             "smolvlm_kernels", [str(p) for p in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
             build_directory=str(build), verbose=False,

@@ -1,9 +1,14 @@
 """`smolvlm serve`: the OpenAI-compatible HTTP server (registered in smolvlm/cli.py COMMANDS as
-"smolvlm.serving.cli:add_serve")."""
+"smolvlm.serving.cli:add_serve").
+
+Container deployments set options through the environment: SMOLVLM_MODEL, SMOLVLM_HOST, SMOLVLM_PORT,
+SMOLVLM_API_KEY, SMOLVLM_SERVED_MODEL_NAME, SMOLVLM_ALLOWED_ORIGINS (a flag given on the command line wins).
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 from .limits import MiB, Limits
@@ -11,37 +16,36 @@ from .limits import MiB, Limits
 DEFAULTS = Limits()
 
 
-def positive(kind):
-    """An argparse type: a number of `kind` above 0."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__} > 0, got {text!r}")
-        return value
-
-    return parse
-
-
 def add_serve(subparsers) -> None:
-    from ..cli import model_options
+    from ..cli import image_options, model_options, positive
 
     p = subparsers.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions)")
     model_options(p)
     d = " (default: %(default)s)"
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 = every interface" + d)
-    p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (default: $SMOLVLM_API_KEY)")
-    p.add_argument("--served-model-name", help="the model name clients send and see (default: --model)")
+    env = os.environ.get
+    p.add_argument("--host", default=env("SMOLVLM_HOST", "127.0.0.1"),
+                   help="address to listen on; 0.0.0.0 = every interface (default: $SMOLVLM_HOST or %(default)s)")
+    p.add_argument("--port", type=int, default=int(env("SMOLVLM_PORT", "8000")),
+                   help="default: $SMOLVLM_PORT or %(default)s")
+    p.add_argument("--api-key", default=env("SMOLVLM_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $SMOLVLM_API_KEY)")
+    p.add_argument("--served-model-name", default=env("SMOLVLM_SERVED_MODEL_NAME") or None,
+                   help="the model name clients send and see (default: $SMOLVLM_SERVED_MODEL_NAME or --model)")
+    p.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                   help="also serve these LoRA adapters of --model, each as its own model name (requests choose by "
+                        "'model'); each is merged into its own copy of the weights (memory: one model per adapter)")
+    p.add_argument("--allowed-origins", default=env("SMOLVLM_ALLOWED_ORIGINS", ""), metavar="ORIGINS",
+                   help="comma-separated origins browsers may call the API from (CORS), or * for any "
+                        "(default: $SMOLVLM_ALLOWED_ORIGINS or none)")
+    image_options(p)
     p.add_argument("--max-batch", type=positive(int), default=8, help="requests decoded together (KV-cache slots)" + d)
     p.add_argument("--max-model-len", type=positive(int),
                    help="context of each slot, prompt + answer (default: the model's, at most 8192)")
     p.add_argument("--max-tokens", type=positive(int), default=DEFAULTS.max_tokens,
-                   help="most tokens one request may generate (also the default when it asks for none)" + d)
-    p.add_argument("--max-images", type=positive(int), default=DEFAULTS.max_images, help="images per request" + d)
+                   help="most tokens one request may generate: a larger max_tokens is clamped to it (also the default "
+                        "when a request asks for none)" + d)
+    p.add_argument("--max-images", type=positive(int), default=DEFAULTS.max_images,
+                   help="images per request (video frames sent as images count)" + d)
     p.add_argument("--max-image-pixels", type=positive(int), default=DEFAULTS.max_image_pixels,
                    help="width x height of one image" + d)
     p.add_argument("--max-video-seconds", type=positive(float), default=DEFAULTS.max_video_seconds,
@@ -64,10 +68,21 @@ def add_serve(subparsers) -> None:
 
 def run_serve(args) -> int:
     import uvicorn
+    from fastapi.middleware.cors import CORSMiddleware
 
+    from ..adapters import is_adapter
     from ..api import load
+    from ..cli import image_overrides
+    from ..errors import InputError
+    from .adapters import Router
+    from .metrics import ServerMetrics
     from .server import create_app
 
+    lora = dict(module.partition("=")[::2] for module in args.lora_modules)
+    for module, (name, path) in zip(args.lora_modules, lora.items()):
+        if not name or not path or not is_adapter(path):
+            raise InputError(f"--lora-modules {module}: expected NAME=PATH with PATH a LoRA adapter folder "
+                             "(holding adapter_config.json)")
     limits = Limits(
         max_body_bytes=int(args.max_body_mb * MiB),
         max_images=args.max_images,
@@ -79,10 +94,19 @@ def run_serve(args) -> int:
         allow_private_urls=args.allow_private_urls,
         allow_file_urls=args.allow_file_urls,
     )
-    api_key = args.api_key or os.environ.get("SMOLVLM_API_KEY") or None
-    vlm = load(args.model, dtype=args.dtype, device=args.device, revision=args.revision, quantize=args.quantize)
-    app = create_app(vlm, args.served_model_name or str(args.model), limits, args.max_batch, args.max_model_len,
-                     api_key)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = dict(dtype=args.dtype, device=args.device, revision=args.revision, quantize=args.quantize)
+    models = {args.served_model_name or str(args.model): load(args.model, adapter=args.adapter, **options)}
+    models.update({name: load(args.model, adapter=path, **options) for name, path in lora.items()})
+    metrics = ServerMetrics()
+    apps = {}
+    for name, vlm in models.items():  # the server's image defaults (a request's image detail may override them)
+        vlm.processor.image_processor = vlm.processor.image_processor.with_overrides(**image_overrides(args))
+        apps[name] = create_app(vlm, name, limits, args.max_batch, args.max_model_len, args.api_key, metrics)
+    app = apps[next(iter(apps))] if len(apps) == 1 else Router(apps, limits.max_body_bytes)
+    origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()]
+    if origins:  # answers browsers' preflight OPTIONS requests, and marks the answers they may read
+        app = CORSMiddleware(app, allow_origins=origins, allow_methods=["*"], allow_headers=["*"])
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout)
     uvicorn.Server(config).run()

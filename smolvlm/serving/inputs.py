@@ -19,6 +19,7 @@ from ..generation import Prompt, SamplingParams, prepare
 from ..processing.images import load_image
 from ..processing.video import Video, sample_frame_indices
 from ..processing.video_decode import read_video
+from .detail import image_options
 from .fetch import Fetcher
 from .limits import Limits
 from .protocol import APIError, ChatCompletionRequest, ImagePart, VideoPart
@@ -70,7 +71,7 @@ def build_prompt(processor, request: ChatCompletionRequest, media: dict[str, byt
             ]  # fmt: skip
         messages.append({"role": ROLES.get(message.role, message.role), "content": history_content(message, content)})
     try:
-        return prepare(processor, messages)
+        return prepare(processor, messages, **image_options(request))
     except InputError as e:
         raise APIError(str(e), 400, "messages") from None
 
@@ -124,9 +125,8 @@ def sampling_params(request: ChatCompletionRequest, prompt_tokens: int, context:
                        "context_length_exceeded")
     wanted = request.requested_tokens
     param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
-    if wanted is not None and wanted > limits.max_tokens:
-        raise APIError(f"{param} = {wanted} is too large: this server generates at most {limits.max_tokens} tokens "
-                       "per request (--max-tokens)", 400, param)
+    if wanted is not None:  # above the server's cap: clamped, as vLLM does (finish_reason "length" says so)
+        wanted = min(wanted, limits.max_tokens)
     if wanted is not None and prompt_tokens + wanted > context:
         raise APIError(f"This model's maximum context length is {context} tokens. However, you requested "
                        f"{prompt_tokens + wanted} tokens ({prompt_tokens} in the messages, {wanted} in the "

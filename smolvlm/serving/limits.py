@@ -11,7 +11,7 @@ MiB = 2**20
 @dataclass(frozen=True)
 class Limits:
     max_body_bytes: int = 32 * MiB  # the whole JSON request (data: URLs included)
-    max_images: int = 8  # image parts in one request
+    max_images: int = 32  # image parts in one request (lmms-eval-style clients send a video as 8-32 frames)
     max_image_pixels: int = 7680 * 4320  # width x height of one image, read from its header before decoding
     max_media_bytes: int = 20 * MiB  # one fetched (or data: URL) image or video, encoded
     max_video_seconds: float = 600.0  # duration of one video

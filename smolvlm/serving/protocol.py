@@ -25,7 +25,8 @@ class TextPart(_Base):
 
 
 class URL(_Base):
-    url: str  # OpenAI's image "detail" hint is ignored: the image processor decides the tiling
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None  # images: "low" = one tile (detail.py)
 
 
 class ImagePart(_Base):

@@ -24,10 +24,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from ..generation import Engine, Prompt, SamplingParams, StepOutput
-from . import protocol
+from . import protocol, tokenize
 from .fetch import Fetcher
 from .inputs import build_prompt, fetch_media, sampling_params
 from .limits import Limits
+from .metrics import ServerMetrics
 from .protocol import APIError, ChatCompletionRequest
 from .structured import calls_tools, check, grammar, tool_calls
 from .worker import Worker
@@ -42,11 +43,15 @@ class ClientGone(Exception):
 
 
 def create_app(vlm, model_name: str, limits: Limits = Limits(), max_batch: int = 8, max_len: int | None = None,
-               api_key: str | None = None) -> FastAPI:
+               api_key: str | None = None, metrics: ServerMetrics | None = None) -> FastAPI:
     """An app serving `vlm` (a `smolvlm.load` result) as `model_name`. `max_len` is the context (prompt + answer) of
-    each batch slot, by default the model's (at most 8192); `max_batch` the requests decoded together."""
+    each batch slot, by default the model's (at most 8192); `max_batch` the requests decoded together. `metrics`:
+    shared by the apps of one server (lora.py), else the app's own."""
     context = max_len or min(vlm.model.config.text_config.max_position_embeddings, 8192)
-    worker = Worker(lambda: Engine(vlm.model, vlm.processor, vlm.end_ids, max_batch=max_batch, max_len=context))
+    metrics = metrics or ServerMetrics()
+    worker = Worker(lambda: Engine(vlm.model, vlm.processor, vlm.end_ids, max_batch=max_batch, max_len=context),
+                    metrics.tracker(model_name))
+    metrics.watch(model_name, worker)
     created = int(time.time())
 
     @asynccontextmanager
@@ -62,6 +67,9 @@ def create_app(vlm, model_name: str, limits: Limits = Limits(), max_batch: int =
             await app.state.fetcher.aclose()
 
     app = FastAPI(title="smolvlm", lifespan=lifespan)
+    app.add_middleware(metrics.middleware)
+    app.add_api_route("/metrics", metrics.scrape, methods=["GET"])  # Prometheus text format
+    tokenize.add_routes(app, vlm, limits, context)
 
     async def authorize(request: Request) -> None:
         if api_key is None:

@@ -34,10 +34,12 @@ class Metrics:
 
 
 class Worker:
-    """Owns the Engine and the thread that steps it. `make_engine` builds it (again, after a step fails)."""
+    """Owns the Engine and the thread that steps it. `make_engine` builds it (again, after a step fails).
+    `tracker` (metrics.py) hears of each submitted, stepped and dropped request."""
 
-    def __init__(self, make_engine: Callable[[], Engine]):
+    def __init__(self, make_engine: Callable[[], Engine], tracker=None):
         self.make_engine = make_engine
+        self.tracker = tracker
         self.engine = make_engine()
         self.sinks: dict[str, Sink] = {}
         self.lock = threading.Lock()  # guards sinks, stopping and swapping the engine
@@ -63,8 +65,10 @@ class Worker:
         with self.lock:
             if not self.alive:
                 raise RuntimeError("the engine loop is not running")
-            self.sinks[request_id] = sink
             self.engine.add_request(prompt, params, request_id)
+            self.sinks[request_id] = sink
+            if self.tracker:
+                self.tracker.submitted(request_id, len(prompt))
         self.wake.set()
 
     def abort(self, request_id: str) -> None:
@@ -72,6 +76,8 @@ class Worker:
         with self.lock:
             if self.sinks.pop(request_id, None) is not None:
                 self.engine.abort(request_id)
+                if self.tracker:
+                    self.tracker.dropped(request_id)
         self.wake.set()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -104,6 +110,8 @@ class Worker:
                 self._reset(e)
                 continue
             self._record(decoding, outputs)
+            if self.tracker:
+                self.tracker.stepped(outputs)
             for out in outputs:
                 with self.lock:
                     sink = self.sinks.pop(out.request_id, None) if out.finished else self.sinks.get(out.request_id)
@@ -125,7 +133,9 @@ class Worker:
             self.engine = None  # free the old KV cache before allocating a new one
             self.engine = self.make_engine()
         self.metrics.running = self.metrics.waiting = 0
-        for sink in sinks.values():
+        for request_id, sink in sinks.items():
+            if self.tracker:
+                self.tracker.dropped(request_id)
             self._send(sink, error)
 
     @staticmethod

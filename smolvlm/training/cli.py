@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+
+from ..hub import DEFAULT_MODEL
 
 from .options import LORA_TARGETS, SCHEDULES, FinetuneOptions
 
@@ -15,12 +18,15 @@ DEFAULTS = {f.name: f.default for f in dataclasses.fields(FinetuneOptions)}
 
 
 def add_finetune(subparsers) -> None:
+    from ..cli import image_options
+
     p = subparsers.add_parser(
         "finetune", argument_default=argparse.SUPPRESS,
         help="fine-tune a model on JSONL conversations (LoRA or full)",
         description="Fine-tune on a JSONL file of chat conversations ({\"messages\": [...]} per line; images by path "
                     "relative to the file, URL or base64). The loss is on the assistant's tokens only.")
-    p.add_argument("--model", "-m", required=True, help="checkpoint folder or hub repo id to start from")
+    p.add_argument("--model", "-m", default=os.environ.get("SMOLVLM_MODEL") or DEFAULT_MODEL,
+                   help="checkpoint folder or hub repo id to start from (default: $SMOLVLM_MODEL or %(default)s)")
     p.add_argument("--revision", help="hub revision of --model")
     p.add_argument("--data", required=True, help="training conversations (JSONL)")
     p.add_argument("--eval", help="evaluation conversations (JSONL): eval loss every --eval-every steps and at the end")
@@ -36,6 +42,7 @@ def add_finetune(subparsers) -> None:
     what.add_argument("--lora-targets", help=f"comma-separated, of {', '.join(LORA_TARGETS)} (default: text: the "
                                              "text model's attention and MLP projections)")
     what.add_argument("--freeze-vision", action="store_true", help="full fine-tuning: keep the vision encoder fixed")
+    image_options(what)
     what.add_argument("--merge", action="store_true",
                       help="LoRA: write the merged model (released format) to --output and the adapter to "
                            "--output/adapter")

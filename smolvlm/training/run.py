@@ -43,6 +43,9 @@ def finetune(options: FinetuneOptions | None = None, **kwargs) -> FinetuneResult
     resume_from = _prepare_output(output, o.resume)
     folder = resolve(o.model, o.revision)
     processor = Processor.from_pretrained(folder)
+    size = {"longest_edge": o.image_longest_edge} if o.image_longest_edge else None
+    processor.image_processor = processor.image_processor.with_overrides(size=size,
+                                                                         do_image_splitting=o.do_image_splitting)
     records, bad = read_jsonl(o.data, processor, o.skip_bad_records)
     eval_records = None
     if o.eval:
