@@ -128,7 +128,7 @@ def test_bad_checkpoint_images_and_options(tiny_v2, tmp_path, capsys):
     one_error_line(main(capsys, "generate", "-m", tiny_v2, "--temperature", "-1", "hi"), "temperature")
     one_error_line(main(capsys, "generate", "-m", tiny_v2, "--dtype", "int3", "hi"), "int3")
     with pytest.raises(SystemExit) as usage:
-        cli.main(["generate"])
+        cli.main(["generate", "--max-new-tokens", "many", "hi"])
     assert usage.value.code == 2 and "usage: smolvlm generate" in capsys.readouterr().err
 
 

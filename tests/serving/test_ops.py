@@ -2,11 +2,15 @@
 (parsed by prometheus_client's parser), CORS preflight, /tokenize and /detokenize, a LoRA adapter served by name
 (--lora-modules) against the merged model, and the request log."""
 
+import os
+import subprocess
+import sys
+
 import httpx
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from server_process import KEY, MODEL, Server, png_data_url, user
+from server_process import MODEL, ROOT, Server, png_data_url, user
 
 import smolvlm.api
 from smolvlm.training.export import copy_processor_files, save_released
@@ -142,3 +146,13 @@ def scrape(server) -> dict:
     text = server.http.get("/metrics").text
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_generate_loads_an_adapter_folder_or_base_plus_adapter(tiny_v2, adapter):
+    expected = smolvlm.api.load(adapter[1], progress=False).generate("Hi", max_new_tokens=8) + "\n"
+    for model in (["-m", str(adapter[0])], ["-m", str(tiny_v2), "--adapter", str(adapter[0])]):
+        out = subprocess.run([sys.executable, "-m", "smolvlm.cli", "generate", *model, "--max-new-tokens", "8", "Hi"],
+                             capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert out.returncode == 0 and out.stdout == expected, out.stderr
+    with pytest.raises(smolvlm.CheckpointError, match="is a LoRA adapter folder"):
+        smolvlm.Model.from_pretrained(adapter[0])

@@ -46,6 +46,12 @@ def test_defaults_are_the_dataclass_defaults():
     assert FinetuneOptions("M", "d", "o", full=True).checked().lr == 1e-5
 
 
+def test_image_splitting_flags_and_the_model_default():
+    options = options_from_args(parse(*REQUIRED, "--no-image-splitting", "--image-longest-edge", "768"))
+    assert (options.do_image_splitting, options.image_longest_edge) == (False, 768)
+    assert options_from_args(parse("--data", "d.jsonl", "--output", "o")).model == "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"
+
+
 @pytest.mark.parametrize("argv", [["--full", "--lora-r", "4"], ["--epochs", "2", "--steps", "5"], [],
                                   ["--lr-schedule", "cubic"]])
 def test_conflicting_or_missing_flags_are_usage_errors(argv, capsys):
@@ -62,6 +68,7 @@ def test_conflicting_or_missing_flags_are_usage_errors(argv, capsys):
     (dict(lr=-1.0), "'lr' = -1.0"),
     (dict(lora_dropout=1.5), "'lora_dropout' = 1.5"),
     (dict(warmup_steps=-1), "'warmup_steps' = -1"),
+    (dict(image_longest_edge=0), "'image_longest_edge' = 0"),
 ])
 def test_bad_options_are_named(change, why):
     with pytest.raises(InputError, match=why.replace("(", r"\(").replace(")", r"\)")):
@@ -84,3 +91,19 @@ def test_run_reports_and_skips_bad_records(tiny_v2, dataset, tmp_path, capsys):
     assert err.count("line 6: ") == 1  # reported once, though it comes up in both epochs
     assert f"wrote {tmp_path / 'b'} after 4 steps" in out and "skipped 2 bad records" in out  # 2 epochs of 2 batches
     assert len([e for e in map(json.loads, (tmp_path / "b" / "log.jsonl").read_text().splitlines())]) == 4
+
+
+def test_image_options_reach_the_processor_that_reads_the_data(tiny_v2, dataset, tmp_path, monkeypatch):
+    from smolvlm.training import run
+
+    seen = []
+
+    def read_jsonl(path, processor, skip):
+        seen.append(processor.image_processor)
+        raise InputError("stop here")
+
+    monkeypatch.setattr(run, "read_jsonl", read_jsonl)
+    with pytest.raises(InputError, match="stop here"):
+        finetune_cli("--model", str(tiny_v2), "--data", str(dataset), "--output", str(tmp_path / "o"),
+                     "--no-image-splitting", "--image-longest-edge", "64")
+    assert (seen[0].do_image_splitting, seen[0].size) == (False, {"longest_edge": 64})
