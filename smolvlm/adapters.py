@@ -36,18 +36,23 @@ def adapter_base(folder: str | os.PathLike) -> str:
     return base
 
 
+def require_peft(what: str):
+    """The peft module, or an InputError naming the extra that installs it (it is not an inference dependency)."""
+    try:
+        import peft
+    except ImportError:
+        raise InputError(f"{what} with peft, which is not installed: pip install 'smolvlm[train]'") from None
+    return peft
+
+
 def merge_adapter(model, folder: str | os.PathLike):
     """`model` (unfused, on its device and dtype) with the adapter in `folder` merged into its weights."""
     folder = Path(folder)
     if not (folder / ADAPTER_CONFIG).is_file():
         raise CheckpointError(f"{folder} is not a LoRA adapter folder: it has no {ADAPTER_CONFIG}")
+    peft = require_peft("LoRA adapters are loaded")
     try:
-        from peft import PeftModel
-    except ImportError:
-        raise InputError("LoRA adapters are loaded with peft, which is not installed: pip install 'smolvlm[train]'"
-                         ) from None
-    try:
-        return PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+        return peft.PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
     except (ValueError, KeyError, RuntimeError, OSError) as e:  # a different base, rank or target modules
         raise CheckpointError(f"Can't apply the LoRA adapter {folder} to this model: {str(e).splitlines()[0]:.300} "
                               "(is it the adapter's base model?)") from None

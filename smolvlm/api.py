@@ -82,8 +82,9 @@ class SmolVLM:
     def generate(self, messages, **params):
         """The answer text (greedy unless temperature > 0), or a list of them for a list of conversations.
         Parameters: max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop; for the
-        processor: fps and max_frames (video frame sampling), do_image_splitting, size; one constraint: json_schema (dict
-        or pydantic model class), regex (the whole answer matches it) or choices (the answer is one of them).
+        processor: fps and max_frames (video frame sampling), do_image_splitting, size ({"longest_edge": N}); one
+        constraint: json_schema (dict or pydantic model class), regex (the whole answer matches it) or choices (the
+        answer is one of them).
         With a pydantic model class as json_schema, the answer is returned as a validated instance of it."""
         schema = params.get("json_schema")
         results = self.complete(messages, **params)

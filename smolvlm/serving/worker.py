@@ -22,7 +22,7 @@ Sink = Callable[[StepOutput | Exception], None]  # called from the loop thread; 
 
 @dataclass
 class Metrics:
-    """Counters of the engine loop, shown by GET /health."""
+    """Counters of the engine loop, shown by GET /health and exported by GET /metrics (metrics.py)."""
 
     running: int = 0  # requests holding a KV-cache slot now
     waiting: int = 0  # requests queued for a slot now

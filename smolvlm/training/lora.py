@@ -1,14 +1,15 @@
 """LoRA adapters through `peft`, on the module names of the released checkpoints.
 
 Our module tree is the reference's, so the adapters (peft's adapter_config.json + adapter_model.safetensors) load with
-`peft.PeftModel.from_pretrained` onto transformers' SmolVLM as well as onto ours. peft is imported only here, and only
-when LoRA is used (it imports transformers).
+`peft.PeftModel.from_pretrained` onto transformers' SmolVLM as well as onto ours. peft (the `train` extra; it imports
+transformers) is imported only when LoRA is used: here, and in smolvlm/adapters.py to load adapters.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from ..adapters import require_peft
 from ..model import Model
 
 # Which linear layers each --lora-targets name adapts (peft matches the regex against the full module name).
@@ -24,12 +25,11 @@ def add_lora(model: Model, r: int, alpha: float, dropout: float, targets: tuple[
 
     Returns the peft model, which saves and merges the adapters. `base` is recorded as base_model_name_or_path.
     """
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+    peft = require_peft("LoRA fine-tuning runs")
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules="|".join(f"(?:{TARGETS[t]})" for t in targets))
     model.name_or_path = base  # what peft records as the adapter's base_model_name_or_path
-    return get_peft_model(model, config)
+    return peft.get_peft_model(model, config)
 
 
 def save_adapter(peft_model, folder: Path) -> None:
