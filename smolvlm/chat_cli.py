@@ -58,7 +58,7 @@ class Chat:
 
     def attach(self, kind: str, path: str) -> None:
         """Check the file now (it exists, an image decodes; a conversation holds one kind of media)."""
-        check_files(kind, [path])
+        check_files(f"/{kind}", [path])
         other = {"image": "video", "video": "image"}[kind]
         if other in self.kinds():
             raise InputError(f"this conversation holds {other}s; SmolVLM takes images or videos in one conversation, "

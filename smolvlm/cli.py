@@ -150,11 +150,12 @@ def sampling_params(args) -> dict:
     return dict(sampling, fps=args.fps, max_frames=args.max_frames, **image_overrides(args))
 
 
-def check_files(kind: str, sources: list[str]) -> None:
-    """A local path that is not there, named before the model loads (URLs are fetched later)."""
+def check_files(option: str, sources: list[str]) -> None:
+    """A local path that is not there, named (with the option that gave it) before the model loads; URLs are
+    fetched later."""
     for source in sources:
         if "://" not in source and not source.startswith("data:") and not Path(source).is_file():
-            raise InputError(f"--{kind} {source}: no such file")
+            raise InputError(f"{option} {source}: no such file")
 
 
 def messages(text: str, images: list[str] = (), videos: list[str] = (), system: str | None = None) -> list[dict]:
@@ -185,8 +186,8 @@ def _prompt(args) -> str:
 
 
 def run_generate(args) -> int:
-    check_files("image", args.image)
-    check_files("video", args.video)
+    check_files("--image", args.image)
+    check_files("--video", args.video)
     params, constraint = sampling_params(args), _constraint(args)
     conversation = messages(_prompt(args), args.image, args.video, args.system)
     start = time.perf_counter()
