@@ -1,6 +1,6 @@
 # A CPU image of `smolvlm serve` with the C++ kernels prebuilt (no CUDA packages: torch from its CPU index).
 # docker build -t smolvlm . && docker run -p 8000:8000 -e SMOLVLM_MODEL=HuggingFaceTB/SmolVLM2-256M-Video-Instruct smolvlm
-FROM python:3.11-slim
+FROM python:3.11-slim-bookworm
 
 # g++ builds the kernels (here, once); it stays for torch's extension loader, which checks the compiler at run time.
 RUN apt-get update \

@@ -25,7 +25,7 @@ def add_serve(subparsers) -> None:
     env = os.environ.get
     p.add_argument("--host", default=env("SMOLVLM_HOST", "127.0.0.1"),
                    help="address to listen on; 0.0.0.0 = every interface (default: $SMOLVLM_HOST or %(default)s)")
-    p.add_argument("--port", type=int, default=int(env("SMOLVLM_PORT", "8000")),
+    p.add_argument("--port", type=int, default=env("SMOLVLM_PORT", "8000"),  # argparse applies type to a str default
                    help="default: $SMOLVLM_PORT or %(default)s")
     p.add_argument("--api-key", default=env("SMOLVLM_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $SMOLVLM_API_KEY)")

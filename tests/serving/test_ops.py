@@ -114,6 +114,7 @@ def test_a_lora_adapter_served_by_name_answers_as_the_merged_model(server, adapt
         assert not torch.allclose(vlm.model(input_ids=ids), expected, atol=1e-3)  # the adapter matters
     client = server.openai()
     assert [m.id for m in client.models.list().data] == [MODEL, "mine"]
+    assert client.models.retrieve("mine").id == "mine"
     for name, model in ((MODEL, vlm), ("mine", merged)):
         answer = client.chat.completions.create(model=name, messages=image_turn(), max_tokens=12)
         assert answer.choices[0].message.content == model.generate(image_turn(), max_new_tokens=12), name
