@@ -61,6 +61,8 @@ def add_serve(subparsers) -> None:
     p.add_argument("--allow-file-urls", action="store_true", help="let requests read file: URLs on the server")
     p.add_argument("--shutdown-timeout", type=positive(float), default=30.0,
                    help="on Ctrl-C / SIGTERM, seconds in-flight requests get to finish before they are cancelled" + d)
+    p.add_argument("--no-ui", dest="page", action="store_false",
+                   help="don't serve the browser chat page at / (the API is the same either way)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level" + d)
     p.set_defaults(run=run_serve)
@@ -102,7 +104,8 @@ def run_serve(args) -> int:
     apps = {}
     for name, vlm in models.items():  # the server's image defaults (a request's image detail may override them)
         vlm.processor.image_processor = vlm.processor.image_processor.with_overrides(**image_overrides(args))
-        apps[name] = create_app(vlm, name, limits, args.max_batch, args.max_model_len, args.api_key, metrics)
+        apps[name] = create_app(vlm, name, limits, args.max_batch, args.max_model_len, args.api_key, metrics,
+                                 args.page)
     app = apps[next(iter(apps))] if len(apps) == 1 else Router(apps, limits.max_body_bytes)
     origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()]
     if origins:  # answers browsers' preflight OPTIONS requests, and marks the answers they may read

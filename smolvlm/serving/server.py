@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from ..generation import Engine, Prompt, SamplingParams, StepOutput
-from . import protocol, tokenize
+from . import protocol, tokenize, ui
 from .fetch import Fetcher
 from .inputs import build_prompt, fetch_media, sampling_params
 from .limits import Limits
@@ -43,10 +43,11 @@ class ClientGone(Exception):
 
 
 def create_app(vlm, model_name: str, limits: Limits = Limits(), max_batch: int = 8, max_len: int | None = None,
-               api_key: str | None = None, metrics: ServerMetrics | None = None) -> FastAPI:
+               api_key: str | None = None, metrics: ServerMetrics | None = None, page: bool = True) -> FastAPI:
     """An app serving `vlm` (a `smolvlm.load` result) as `model_name`. `max_len` is the context (prompt + answer) of
     each batch slot, by default the model's (at most 8192); `max_batch` the requests decoded together. `metrics`:
-    shared by the apps of one server (serving/adapters.py), else the app's own."""
+    shared by the apps of one server (serving/adapters.py), else the app's own. `page` serves the browser chat page
+    at / (ui.py)."""
     context = max_len or min(vlm.model.config.text_config.max_position_embeddings, 8192)
     metrics = metrics or ServerMetrics()
     worker = Worker(lambda: Engine(vlm.model, vlm.processor, vlm.end_ids, max_batch=max_batch, max_len=context),
@@ -156,12 +157,13 @@ def create_app(vlm, model_name: str, limits: Limits = Limits(), max_batch: int =
         except ClientGone:
             return Response(status_code=499)  # nobody reads it; the request's work was cancelled and aborted
 
+    app.include_router(ui.router(vlm.processor, limits, context, authorize, _read_body, page))
     return app
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, reading no more than `limit` bytes of it (413 beyond)."""
-    too_large = APIError(f"The request body is larger than {limit} bytes (--max-body-mb)", 413, None,
+async def _read_body(request: Request, limit: int, option: str = "--max-body-mb") -> bytes:
+    """The body, reading no more than `limit` bytes of it (413 beyond, naming the server `option` that raises it)."""
+    too_large = APIError(f"The request body is larger than {limit} bytes ({option})", 413, None,
                          "request_too_large")
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
