@@ -9,3 +9,13 @@ cd "$(dirname "$0")/.."
 python -m pip install -q --disable-pip-version-check "torch==2.13.0"
 python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
 python -c "from smolvlm.model import kernels; kernels.build()"  # builds the C++ CPU kernels once (~30 s; cached in ~/.cache/smolvlm)
+# The browser tests (tests/serving/test_ui.py) drive Debian's chromium through Playwright (never `playwright install`:
+# it downloads browsers). Without apt-get, say so: those tests then fail, naming what is missing.
+if ! command -v chromium >/dev/null; then
+    if command -v apt-get >/dev/null; then
+        sudo=$([ "$(id -u)" = 0 ] || echo sudo)
+        $sudo apt-get update -q && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+    else
+        echo "setup.sh: no chromium and no apt-get to install it: tests/serving/test_ui.py will fail" >&2
+    fi
+fi

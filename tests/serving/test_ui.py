@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import time
 
 import httpx
@@ -22,7 +23,7 @@ from smolvlm.serving import ui
 from smolvlm.serving.limits import Limits
 from tiny import CHECKPOINT_FILES, needs_shared
 
-CHROMIUM = os.environ.get("SMOLVLM_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM = os.environ.get("SMOLVLM_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 CHAT = "/v1/chat/completions"
