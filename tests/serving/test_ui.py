@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from server_process import KEY, MAX_IMAGE_PIXELS, Server
+from smolvlm.generation import prepare
 from smolvlm.processing import Processor
 from smolvlm.serving import ui
 from smolvlm.serving.limits import Limits
@@ -129,11 +130,11 @@ def test_answer_streams_token_by_token_then_stop_and_continue(page, server, vlm)
     expected = vlm.complete([{"role": "user", "content": [{"type": "image", "url": url},
                                                           {"type": "text", "text": "What is in this image?"}]}],
                             max_new_tokens=60)
-    assert f"{expected.completion_tokens} tokens" in meta
+    assert f"{expected.completion_tokens} tokens" in meta and f"{expected.prompt_tokens} prompt tokens" in meta
 
     # Stop a long answer part-way: the stream ends there and the server frees the request.
     before = server.wait_idle()
-    ask(page, "Tell me a long story.", 1500)  # the image turn + 1500 fits the 2048 context
+    ask(page, "Write a long poem.", 1500)  # 1246 tokens unless stopped (greedy); fits the 2048 context
     page.wait_for_function("(document.querySelector('.msg.streaming .content') || {}).textContent?.length > 20")
     page.click("#stop")
     wait_answered(page)
@@ -152,7 +153,7 @@ def test_answer_streams_token_by_token_then_stop_and_continue(page, server, vlm)
     third = page.chat_requests[2]["messages"]
     assert third[0] == first["messages"][0]
     assert third[1] == {"role": "assistant", "content": expected.text}
-    assert third[2] == {"role": "user", "content": "Tell me a long story."}
+    assert third[2] == {"role": "user", "content": "Write a long poem."}
     assert third[3]["role"] == "assistant" and len(third[3]["content"]) > 20  # the stopped answer, as far as it got
     assert third[4] == {"role": "user", "content": "And then?"}
     assert page.locator(".msg.assistant").count() == 3
@@ -231,6 +232,23 @@ def test_tiling_arithmetic_matches_the_processor_at_released_and_tiny_settings(p
             assert [t["tokens"] for t in shown] == [f * proc.image_seq_len for f, _, _ in expected]
     assert {f for f, _, _ in expected} == {1}
     assert len({released.image_processor.num_frames(w, h)[0] for w, h in sizes}) >= 4  # 2x2 to 4x4 grids
+
+
+def test_no_splitting_sends_detail_low_and_the_prompt_has_one_tile(page, processor):
+    page.uncheck("#splitting")
+    image = png(100, 70, seed=4)
+    attach(page, image)
+    assert page.get_attribute(".attachment .sees", "data-frames") == "1"
+    ask(page, "Hi", 3)
+    wait_answered(page)
+    part = page.chat_requests[0]["messages"][0]["content"][0]
+    assert part["image_url"]["detail"] == "low"
+    url = part["image_url"]["url"]
+    messages = [{"role": "user", "content": [{"type": "image", "url": url}, {"type": "text", "text": "Hi"}]}]
+    one_tile, split = (len(prepare(processor, messages, do_image_splitting=s)) for s in (False, True))
+    frames = processor.image_processor.num_frames(100, 70)[0]  # when split: 4 tiles + the global image
+    assert split - one_tile >= (frames - 1) * processor.image_seq_len
+    assert f"{one_tile} prompt tokens" in page.text_content(".msg.assistant .meta")
 
 
 def test_server_error_is_shown_and_the_conversation_goes_on(page):

@@ -306,6 +306,7 @@ function metaElement(m, last) {
   meta.className = "meta";
   const s = m.stats || {};
   const facts = [];
+  if (s.promptTokens != null) facts.push(`${s.promptTokens} prompt tokens`);
   if (s.ttft != null) facts.push(`first token ${(s.ttft / 1000).toFixed(2)} s`);
   if (s.tokens != null) facts.push(`${s.tokens} tokens`);
   if (s.tokensPerSecond != null) facts.push(`${s.tokensPerSecond.toFixed(1)} tokens/s`);
@@ -412,7 +413,7 @@ async function answer() {
   const end = performance.now();
   const tokens = usage ? usage.completion_tokens : chunks;  // without usage (stopped): one chunk per token
   if (first != null) {
-    reply.stats = {ttft: first - start, tokens};
+    reply.stats = {ttft: first - start, tokens, promptTokens: usage ? usage.prompt_tokens : null};
     if (tokens > 1 && end > first) reply.stats.tokensPerSecond = (tokens - 1) / ((end - first) / 1000);
   }
   if (finish === "length") reply.note = "max tokens reached";
