@@ -24,6 +24,7 @@ from fastapi.responses import Response
 from ..processing.image_processor import MAX_IMAGE_SIZE
 from .inputs import load_video
 from .limits import Limits
+from .protocol import APIError
 
 WEB = Path(__file__).parent / "web"
 ASSETS = {"app.js": "text/javascript", "markdown.js": "text/javascript", "style.css": "text/css"}
@@ -50,6 +51,9 @@ def processor_settings(processor, limits: Limits, context: int) -> dict:
 
 def video_frames(processor, data: bytes, limits: Limits) -> dict:
     """The sampled frames of a video (as a chat request would decode them) with their times and JPEG thumbnails."""
+    if processor.family != "smolvlm":
+        raise APIError("Videos need a SmolVLM2 checkpoint; this server's model is SmolVLM v1 (idefics3)", 400, None,
+                       "invalid_video")
     video = load_video(processor, data, "video", limits)
     frames = []
     for index, time, frame in zip(video.indices, video.timestamps, video.frames):

@@ -201,6 +201,10 @@ async function attach(files) {
       showError(`${file.name}: not an image or a video (${file.type || "unknown type"})`);
       continue;
     }
+    if (kind === "video" && state.settings && !state.settings.video) {
+      showError(`${file.name}: this server's model (SmolVLM v1) takes no videos`);
+      continue;
+    }
     const item = {kind, name: file.name, url: await readDataURL(file)};
     if (kind === "image") {
       try {
