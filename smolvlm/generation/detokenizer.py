@@ -15,7 +15,7 @@ from tokenizers.decoders import DecodeStream
 class Detokenizer:
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
-        self.stop = stop
+        self.stops = StopMatcher(stop)
         self.stream = DecodeStream(skip_special_tokens=True)
         self.token_ids: list[int] = []
         self.text = ""  # decoded so far (after a stop: cut before it)
@@ -40,20 +40,60 @@ class Detokenizer:
         return piece + rest
 
     def _extend(self, piece: str) -> str:
-        start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0) + 1)
+        base = len(self.text)
         self.text += piece
-        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
-        if hits:
-            self.text, self.stopped = self.text[: min(hits)], True
+        cut = self.stops.feed(piece)
+        if cut is not None:
+            self.text, self.stopped = self.text[: base + cut], True
             end = len(self.text)
         else:
-            end = len(self.text) - self._partial_stop()
+            end = len(self.text) - self.stops.held
         piece, self.sent = self.text[self.sent : end], max(self.sent, end)
         return piece
 
-    def _partial_stop(self) -> int:
-        """Length of the longest end of `text` that is the beginning of a stop string (held back)."""
-        return max(
-            (n for s in self.stop for n in range(min(len(s) - 1, len(self.text)), 0, -1) if self.text.endswith(s[:n])),
-            default=0,
-        )
+
+class StopMatcher:
+    """Finds stop strings in text fed piece by piece, in O(piece x stop strings) amortized per piece (Knuth-Morris-
+    Pratt automata): no step re-reads earlier text, whatever the stop strings' length.
+
+    `state[k]` is the length of the longest prefix of stop string k that the text fed so far ends with."""
+
+    def __init__(self, stop: tuple[str, ...]):
+        self.stop = stop
+        self.fail = [_failure(s) for s in stop]
+        self.state = [0] * len(stop)
+
+    @property
+    def held(self) -> int:
+        """Characters at the end of the text that may be the start of a stop string (not released yet)."""
+        return max(self.state, default=0)
+
+    def feed(self, piece: str) -> int | None:
+        """Take more text; return where in `piece` the answer ends if a stop string completed in it, else None.
+        When several complete at the same character, the longest (the one starting first) cuts."""
+        for i, c in enumerate(piece):
+            done = None
+            for k, s in enumerate(self.stop):
+                n, fail = self.state[k], self.fail[k]
+                if n == len(s):  # a whole match is never kept: continue from its longest proper border
+                    n = fail[n - 1]
+                while n and s[n] != c:
+                    n = fail[n - 1]
+                n += s[n] == c
+                self.state[k] = n
+                if n == len(s):
+                    done = max(done or 0, n)
+            if done is not None:
+                return i + 1 - done
+        return None
+
+
+def _failure(s: str) -> list[int]:
+    """KMP failure function: fail[i] = length of the longest proper prefix of s[:i + 1] that is also its suffix."""
+    fail, n = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while n and s[i] != s[n]:
+            n = fail[n - 1]
+        n += s[i] == s[n]
+        fail[i] = n
+    return fail

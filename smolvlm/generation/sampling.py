@@ -11,12 +11,17 @@ request means the same as the reference's `generate(do_sample=True, ...)`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import InputError
 from .constraints import Grammar
+
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+TOP_K_MAX = 2**31 - 1  # any top_k >= the vocabulary keeps every token; this bound only keeps it a tensor value
+REPETITION_PENALTY_MAX = 1e4  # finite, so penalized logits stay finite
 
 
 @dataclass(frozen=True)
@@ -40,12 +45,15 @@ class SamplingParams:
         object.__setattr__(self, "stop", stop)
         checks = [
             ("max_new_tokens", isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "an integer >= 1"),
-            ("temperature", _number(self.temperature) and self.temperature >= 0, "a number >= 0"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0 (0 = off)"),
+            ("temperature", _number(self.temperature) and 0 <= self.temperature < math.inf, "a finite number >= 0"),
+            ("top_k", isinstance(self.top_k, int) and 0 <= self.top_k <= TOP_K_MAX,
+             f"an integer in [0, {TOP_K_MAX}] (0 = off)"),
             ("top_p", _number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
             ("min_p", _number(self.min_p) and 0 <= self.min_p <= 1, "a number in [0, 1]"),
-            ("repetition_penalty", _number(self.repetition_penalty) and self.repetition_penalty > 0, "a number > 0"),
-            ("seed", self.seed is None or isinstance(self.seed, int), "an integer or None"),
+            ("repetition_penalty", _number(self.repetition_penalty)
+             and 0 < self.repetition_penalty <= REPETITION_PENALTY_MAX, f"a number in (0, {REPETITION_PENALTY_MAX:g}]"),
+            ("seed", self.seed is None or isinstance(self.seed, int) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
+             f"None or an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]"),
             ("stop", all(isinstance(s, str) and s for s in stop), "non-empty strings"),
             ("grammar", self.grammar is None or isinstance(self.grammar, Grammar), "a Grammar or None"),
         ]

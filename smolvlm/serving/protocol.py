@@ -12,20 +12,38 @@ import json
 import time
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..generation.sampling import REPETITION_PENALTY_MAX, SEED_RANGE, TOP_K_MAX
+
+MAX_STOP_STRINGS = 16  # stop checking costs (new text x stop strings) per token, on the engine thread
+MAX_STOP_CHARS = 256
+
+
+def _unicode(text: str) -> str:
+    """JSON can escape lone UTF-16 surrogates ("\\ud800"), which are not text: no tokenizer or encoder takes them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode: a lone surrogate {text[e.start]!r} at character {e.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS), AfterValidator(_unicode)]
 
 
 class _Base(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 class TextPart(_Base):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class URL(_Base):
-    url: str
+    url: Text
     detail: Literal["auto", "low", "high"] | None = None  # images: "low" = one tile (detail.py)
 
 
@@ -43,21 +61,21 @@ Part = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class FunctionCall(_Base):
-    name: str
-    arguments: str  # JSON text, as OpenAI sends it
+    name: Text
+    arguments: Text  # JSON text, as OpenAI sends it
 
 
 class ToolCall(_Base):
-    id: str
+    id: Text
     type: Literal["function"]
     function: FunctionCall
 
 
 class Message(_Base):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | Annotated[list[Part], Field(min_length=1)] | None = None
+    content: Text | Annotated[list[Part], Field(min_length=1)] | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
-    tool_call_id: str | None = None  # a tool turn: the call it answers
+    tool_call_id: Text | None = None  # a tool turn: the call it answers
 
     @model_validator(mode="after")
     def _content(self):
@@ -134,13 +152,13 @@ class StreamOptions(_Base):
 
 class ChatCompletionRequest(_Base):
     messages: Annotated[list[Message], Field(min_length=1)]
-    model: str | None = None
+    model: Text | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)] | None = None
-    seed: int | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: Literal[1] | None = 1
@@ -156,9 +174,9 @@ class ChatCompletionRequest(_Base):
     logit_bias: Annotated[dict, Field(max_length=0)] | None = None
     frequency_penalty: Literal[0] | None = None
     presence_penalty: Literal[0] | None = None
-    top_k: Annotated[int, Field(ge=0)] | None = None
+    top_k: Annotated[int, Field(ge=0, le=TOP_K_MAX)] | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, le=REPETITION_PENALTY_MAX)] | None = None
 
     @model_validator(mode="after")
     def _one_max_tokens(self):
@@ -187,9 +205,15 @@ class APIError(Exception):
 def parse_request(body: bytes) -> ChatCompletionRequest:
     """The JSON body as a validated request (APIError 400 naming the problem otherwise)."""
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise APIError(f"The request body is not valid JSON: {e}", 400, None, "invalid_json") from None
+    except RecursionError:
+        raise APIError("The request body nests JSON arrays/objects too deeply to parse", 400, None,
+                       "invalid_json") from None
+    except ValueError as e:  # an integer of more digits than Python converts (sys.get_int_max_str_digits), NaN
+        raise APIError(f"The request body holds an unusable number: {str(e).partition(': value')[0]}", 400, None,
+                       "invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(f"The request body must be a JSON object, got a JSON {type(data).__name__}", 400, None,
                        "invalid_json")
@@ -198,6 +222,10 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
     except ValidationError as e:
         message, param = validation_error(e)
         raise APIError(message, 400, param) from None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 UNSUPPORTED = {  # field -> why a non-default value is refused

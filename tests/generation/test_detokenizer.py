@@ -78,3 +78,47 @@ def test_possible_stop_prefix_is_held_back_then_released(tok):
     released += d.finish()
     assert released == "hello world wide web"
     assert not d.stopped
+
+
+def brute_force(pieces, stop):
+    """(cut, held) after each piece, by re-reading the whole text: where the first completed stop string starts
+    (None until one does), and the longest end of the text that begins a stop string."""
+    text, out = "", []
+    for piece in pieces:
+        base, text = len(text), text + piece
+        ends = [(e, max(len(s) for s in stop if text[:e].endswith(s))) for e in range(base + 1, len(text) + 1)
+                if any(text[:e].endswith(s) for s in stop)]
+        if ends:
+            return out + [(ends[0][0] - ends[0][1] - base, None)]
+        held = max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        out.append((None, held))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_stop_matcher_finds_what_rereading_the_text_finds(seed):
+    import random
+
+    from smolvlm.generation.detokenizer import StopMatcher
+
+    rng = random.Random(seed)
+    stop = tuple("".join(rng.choice("ab") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 4)))
+    pieces = ["".join(rng.choice("abc") for _ in range(rng.randint(0, 4))) for _ in range(30)]
+    matcher, got = StopMatcher(stop), []
+    for piece in pieces:
+        cut = matcher.feed(piece)
+        got.append((cut, None if cut is not None else matcher.held))
+        if cut is not None:
+            break
+    assert got == brute_force(pieces, stop)
+
+
+def test_long_stop_strings_spanning_many_pieces_are_held_back_then_cut():
+    from smolvlm.generation.detokenizer import StopMatcher
+
+    stop = tuple("a" * 255 + chr(ord("b") + i) for i in range(16))
+    matcher = StopMatcher(stop)
+    for _ in range(200):
+        assert matcher.feed("aaaa") is None
+    assert matcher.held == 255
+    assert matcher.feed("b") == -255  # the first stop string started 255 characters before this piece
