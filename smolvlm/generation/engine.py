@@ -55,9 +55,10 @@ class StepOutput:
     request_id: str
     token_ids: list[int]
     text: str
-    finish_reason: str | None  # None while running; "stop" (end token or stop string) or "length"
+    finish_reason: str | None  # None while running; "stop" (end token or stop string), "length" or "error"
     prompt_tokens: int
     completion_tokens: int
+    error: str | None = None  # what failed this request alone (finish_reason "error"); the others went on
 
     @property
     def finished(self) -> bool:
@@ -67,7 +68,7 @@ class StepOutput:
 @dataclass
 class GenerationResult:
     """A finished request. finish_reason: "stop" (an end token or a stop string), "length" (max_new_tokens or the
-    cache row full) or "abort"."""
+    cache row full), "abort" or "error" (its own per-request work failed; see StepOutput.error)."""
 
     request_id: str
     text: str
@@ -88,6 +89,11 @@ class Request:
     length: int = 0  # tokens in the cache row (host copy of Engine.pos[slot])
     finish_reason: str | None = None
     matcher: Matcher | None = None  # the parser of a constrained answer (params.grammar)
+    error: str | None = None
+
+    def fail(self, e: Exception) -> None:
+        """This request's own work failed inside a shared step: it ends alone with finish_reason "error"."""
+        self.finish_reason, self.error = "error", f"{type(e).__name__}: {e}"
 
     def result(self) -> GenerationResult:
         return GenerationResult(
@@ -284,7 +290,11 @@ class Engine:
         hidden = hidden[torch.arange(k, device=self.device), last]  # [k, D]: each prompt's last real token
         for i, r in enumerate(new):
             r.slot, r.length = start + i, lengths[i]
-            self.sampler.set(r.slot, r.params, r.prompt.input_ids)
+            try:
+                self.sampler.set(r.slot, r.params, r.prompt.input_ids)
+            except Exception as e:  # fail it alone; greedy settings keep its row harmless for this step's sampling
+                r.fail(e)
+                self.sampler.set(r.slot, SamplingParams(), r.prompt.input_ids)
         tokens = self.sampler(self._logits(self.model.lm_head(hidden), new), start=start)
         self.last[start : start + k] = tokens
         self.pos[start : start + k] = last + 1
@@ -304,15 +314,22 @@ class Engine:
         """Book the sampled tokens (the step's one host sync), detokenize, check the stop conditions."""
         outputs = []
         for r, token in zip(requests, tokens.tolist()):
-            r.output_ids.append(token)
-            text = "" if token in self.end_ids else r.detok.add(token)
-            if token in self.end_ids or r.detok.stopped or (r.matcher is not None and r.matcher.advance(token)):
-                r.finish_reason = "stop"  # an end token, a stop string, or the grammar is complete
-            elif len(r.output_ids) >= r.params.max_new_tokens or r.length >= self.max_len:  # no room for the token
-                r.finish_reason = "length"
-            if r.finish_reason:
-                text += r.detok.finish()
-            outputs.append(StepOutput(r.id, [token], text, r.finish_reason, len(r.prompt), len(r.output_ids)))
+            text = ""
+            if r.error is None:  # per-request work: an error in it fails this request only
+                try:
+                    r.output_ids.append(token)
+                    text = "" if token in self.end_ids else r.detok.add(token)
+                    if token in self.end_ids or r.detok.stopped or (r.matcher is not None and r.matcher.advance(token)):
+                        r.finish_reason = "stop"  # an end token, a stop string, or the grammar is complete
+                    elif len(r.output_ids) >= r.params.max_new_tokens or r.length >= self.max_len:  # no room left
+                        r.finish_reason = "length"
+                    if r.finish_reason:
+                        text += r.detok.finish()
+                except Exception as e:
+                    r.fail(e)
+                    text = ""
+            outputs.append(StepOutput(r.id, [token] if r.error is None else [], text, r.finish_reason,
+                                      len(r.prompt), len(r.output_ids), r.error))
         self._leave([r for r in requests if r.finish_reason])
         return outputs
 

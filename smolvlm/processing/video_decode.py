@@ -75,7 +75,8 @@ def read_video(
             frame_pts, key_frames, metadata = _index(container, _video_stream(container, name), name)
         indices = [int(i) for i in sample(metadata)]  # sorted, unique, in range
         with _open(source, name) as container:  # a fresh demuxer: some streams (raw H.264) can't seek back
-            frames = _decode(container, _video_stream(container, name), frame_pts, key_frames, indices, name)
+            frames = _decode(container, _video_stream(container, name), frame_pts, key_frames, indices, name,
+                             (metadata.width, metadata.height))
     except av.FFmpegError as e:
         raise InputError(f"{name}: the video is damaged or truncated and can't be decoded ({_why(e)})") from e
     return frames, indices, metadata
@@ -158,14 +159,22 @@ def _index(container, stream, name: str) -> tuple[list[int] | None, list[int], V
     return frame_pts, key_frames, metadata
 
 
-def _decode(container, stream, frame_pts, key_frames, indices, name) -> list[Image.Image]:
-    """Decode frames `indices` (sorted frame numbers), seeking to the keyframe before each one when that skips work."""
+def _decode(container, stream, frame_pts, key_frames, indices, name, size: tuple[int, int]) -> list[Image.Image]:
+    """Decode frames `indices` (sorted frame numbers), seeking to the keyframe before each one when that skips work.
+    Every kept frame must have the header's `size` (width, height), which the caller checked against its limits."""
+
+    def rgb(frame, i: int) -> Image.Image:
+        if (frame.width, frame.height) != size:
+            raise InputError(f"{name}: frame {i} is {frame.width}x{frame.height} but the stream's header says "
+                             f"{size[0]}x{size[1]}")
+        return frame.to_image()
+
     decoded = container.decode(stream)
     if frame_pts is None:  # no timestamps: count frames from the start, as the reference does
         wanted, frames = set(indices), []
         for i, frame in enumerate(decoded):
             if i in wanted:
-                frames.append(frame.to_image())
+                frames.append(rgb(frame, i))
                 if len(frames) == len(indices):
                     return frames
         raise InputError(f"{name} is truncated: frame {indices[len(frames)]} could not be decoded")
@@ -182,7 +191,7 @@ def _decode(container, stream, frame_pts, key_frames, indices, name) -> list[Ima
         if frame is None:
             raise InputError(f"{name} is truncated or damaged: frame {i} could not be decoded")
         position = i
-        frames.append(frame.to_image())
+        frames.append(rgb(frame, i))
     return frames
 
 

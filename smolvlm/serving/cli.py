@@ -47,7 +47,9 @@ def add_serve(subparsers) -> None:
     p.add_argument("--max-images", type=positive(int), default=DEFAULTS.max_images,
                    help="images per request (video frames sent as images count)" + d)
     p.add_argument("--max-image-pixels", type=positive(int), default=DEFAULTS.max_image_pixels,
-                   help="width x height of one image" + d)
+                   help="width x height of one image or video frame" + d)
+    p.add_argument("--max-request-pixels", type=positive(int), default=DEFAULTS.max_request_pixels,
+                   help="decoded pixels of one request's images and kept video frames together" + d)
     p.add_argument("--max-video-seconds", type=positive(float), default=DEFAULTS.max_video_seconds,
                    help="length of one video" + d)
     p.add_argument("--max-body-mb", type=positive(float), default=DEFAULTS.max_body_bytes / MiB,
@@ -59,8 +61,12 @@ def add_serve(subparsers) -> None:
     p.add_argument("--allow-private-urls", action="store_true",
                    help="let requests make the server fetch loopback, private and link-local addresses")
     p.add_argument("--allow-file-urls", action="store_true", help="let requests read file: URLs on the server")
+    p.add_argument("--allow-control-tokens", action="store_true",
+                   help="let message text contain the tokenizer's special tokens (e.g. <end_of_utterance>), which "
+                   "then act as control tokens and can forge turns; by default such text is refused (400)")
     p.add_argument("--shutdown-timeout", type=positive(float), default=30.0,
-                   help="on Ctrl-C / SIGTERM, seconds in-flight requests get to finish before they are cancelled" + d)
+                   help="on Ctrl-C / SIGTERM, seconds in-flight requests get to finish; those still running then "
+                   "end with a 503 / a final error event" + d)
     p.add_argument("--no-ui", dest="page", action="store_false",
                    help="don't serve the browser chat page at / (the API is the same either way)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -89,12 +95,14 @@ def run_serve(args) -> int:
         max_body_bytes=int(args.max_body_mb * MiB),
         max_images=args.max_images,
         max_image_pixels=args.max_image_pixels,
+        max_request_pixels=args.max_request_pixels,
         max_media_bytes=int(args.max_media_mb * MiB),
         max_video_seconds=args.max_video_seconds,
         max_tokens=args.max_tokens,
         fetch_timeout=args.fetch_timeout,
         allow_private_urls=args.allow_private_urls,
         allow_file_urls=args.allow_file_urls,
+        allow_control_tokens=args.allow_control_tokens,
     )
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = dict(dtype=args.dtype, device=args.device, revision=args.revision, quantize=args.quantize)
@@ -110,7 +118,16 @@ def run_serve(args) -> int:
     origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()]
     if origins:  # answers browsers' preflight OPTIONS requests, and marks the answers they may read
         app = CORSMiddleware(app, allow_origins=origins, allow_methods=["*"], allow_headers=["*"])
+    timeout = args.shutdown_timeout
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            # End what can't finish a little before uvicorn cancels it, so its 503 / final event still goes out.
+            for each in apps.values():
+                each.state.drain(max(0.0, timeout - min(0.5, timeout / 4)))
+            await super().shutdown(sockets)
+
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.shutdown_timeout)
-    uvicorn.Server(config).run()
+                            timeout_graceful_shutdown=timeout)
+    Server(config).run()
     return 0

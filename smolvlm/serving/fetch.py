@@ -16,6 +16,7 @@ import base64
 import binascii
 import ipaddress
 import os
+import re
 import socket
 from urllib.parse import unquote, urlsplit
 
@@ -25,6 +26,7 @@ from .limits import Limits
 from .protocol import APIError
 
 MAX_REDIRECTS = 5
+HOSTNAME = re.compile(r"(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?")
 
 
 async def resolve(host: str, port: int) -> list[str]:
@@ -53,20 +55,49 @@ class Fetcher:
     async def aclose(self) -> None:
         await self.client.aclose()
 
-    async def fetch(self, url: str, where: str) -> bytes:
+    def check(self, url: str, where: str) -> str:
+        """The URL's scheme, once the URL is one this server may fetch and (http) one it can parse; no I/O."""
         scheme = url.partition(":")[0].lower() if ":" in url else ""
+        if scheme in ("http", "https"):
+            self._parse(url, where)
+        elif scheme == "file" and not self.limits.allow_file_urls:
+            raise self._error(where, "file: URLs are not allowed on this server (start it with --allow-file-urls)")
+        elif scheme not in ("data", "file"):
+            raise self._error(where, f"expected an http(s) URL or a data: URL (data:image/png;base64,...), got "
+                              f"{url!r:.80}")
+        return scheme
+
+    async def fetch(self, url: str, where: str) -> bytes:
+        scheme = self.check(url, where)
         if scheme == "data":
             return await asyncio.to_thread(self._data, url, where)
         if scheme == "file":
             return await self._file(url, where)
-        if scheme in ("http", "https"):
-            try:
-                async with asyncio.timeout(self.limits.fetch_timeout):
-                    return await self._http(url, where)
-            except TimeoutError:
-                raise self._error(where, f"fetching {url!r} took longer than {self.limits.fetch_timeout:g} s "
-                                  "(--fetch-timeout)") from None
-        raise self._error(where, f"expected an http(s) URL or a data: URL (data:image/png;base64,...), got {url!r:.80}")
+        try:
+            async with asyncio.timeout(self.limits.fetch_timeout):
+                return await self._http(url, where)
+        except TimeoutError:
+            raise self._error(where, f"fetching {url!r} took longer than {self.limits.fetch_timeout:g} s "
+                              "(--fetch-timeout)") from None
+
+    def _parse(self, url: str, where: str) -> httpx.URL:
+        """An http(s) URL as httpx reads it, with a host and a valid port (400 invalid_url otherwise)."""
+        try:
+            parsed = httpx.URL(url)
+            if parsed.scheme not in ("http", "https"):  # only a redirect gets here with another scheme
+                raise self._error(where, f"a redirect led to {url!r}; only http(s) URLs are fetched")
+            if not parsed.host:
+                raise ValueError("expected http(s)://host[:port]/path")
+            if parsed.port is not None and not 0 < parsed.port < 65536:
+                raise ValueError(f"port {parsed.port} is not in 1..65535")
+            host = parsed.raw_host.decode("ascii")  # IDNA-encoded
+            if ":" in host:
+                ipaddress.ip_address(host.split("%")[0])  # an IPv6 literal
+            elif not HOSTNAME.fullmatch(host):
+                raise ValueError(f"{parsed.host!r} is not a host name or an IP address")
+        except (httpx.InvalidURL, ValueError, TypeError) as e:
+            raise self._error(where, f"{url!r:.200} is not a valid URL ({e})", "invalid_url") from None
+        return parsed
 
     def _error(self, where: str, message: str, code: str | None = None) -> APIError:
         return APIError(f"{where}: {message}", 400, where, code)
@@ -88,8 +119,6 @@ class Fetcher:
             raise self._error(where, "the data: URL's payload is not valid base64") from None
 
     async def _file(self, url: str, where: str) -> bytes:
-        if not self.limits.allow_file_urls:
-            raise self._error(where, "file: URLs are not allowed on this server (start it with --allow-file-urls)")
         parts = urlsplit(url)
         if parts.netloc not in ("", "localhost"):
             raise self._error(where, f"a file: URL must name a local file (file:///path), got host {parts.netloc!r}")
@@ -108,10 +137,14 @@ class Fetcher:
 
     async def _http(self, url: str, where: str) -> bytes:
         for _ in range(MAX_REDIRECTS + 1):
-            response = await self._send(httpx.URL(url), where)
+            response = await self._send(self._parse(url, where), where)
             try:
                 if response.is_redirect:
-                    url = str(httpx.URL(url).join(response.headers["location"]))
+                    try:
+                        url = str(httpx.URL(url).join(response.headers["location"]))
+                    except (httpx.InvalidURL, ValueError, TypeError):
+                        raise self._error(where, f"fetching {url!r}: the redirect's Location "
+                                          f"{response.headers['location']!r:.200} is not a valid URL", "invalid_url")
                     continue
                 if response.status_code >= 400:
                     raise self._error(where, f"fetching {url!r} failed: HTTP {response.status_code} "
@@ -133,14 +166,12 @@ class Fetcher:
 
     async def _send(self, url: httpx.URL, where: str) -> httpx.Response:
         """GET `url` (streamed) from a checked address of its host."""
-        if url.scheme not in ("http", "https"):
-            raise self._error(where, f"a redirect led to {str(url)!r}; only http(s) URLs are fetched")
         request = self.client.build_request("GET", url)
         if not self.limits.allow_private_urls:
             port = url.port or (443 if url.scheme == "https" else 80)
             try:
                 addresses = await resolve(url.host, port)
-            except OSError as e:
+            except (OSError, UnicodeError) as e:  # UnicodeError: a name the IDNA codec refuses
                 raise self._error(where, f"can't resolve the host {url.host!r}: {e}") from None
             blocked = [a for a in addresses if not is_public(a)]
             if blocked or not addresses:

@@ -4,6 +4,13 @@ A chat completion goes: read the body (size-capped) -> validate (protocol.py) ->
 (fetch.py) -> decode, template and tokenize in a thread pool (inputs.py) -> submit to the engine loop -> relay its
 outputs (one JSON answer, or server-sent events). Every refusal is an OpenAI-format error; the server keeps serving.
 A client that goes away has its request aborted, which frees its batch slot at the next step.
+
+Two pools prepare requests, so that media never delays text: requests with images or videos (and large bodies) are
+parsed and decoded in the media pool, the others in the text pool, which a burst of image-heavy requests can't fill.
+
+Shutdown (`drain`, called by `smolvlm serve` on SIGTERM / Ctrl-C): uvicorn stops accepting connections and lets the
+requests in flight run; those still running shortly before --shutdown-timeout end with a 503 (non-streamed) or, in
+a stream, an error event after the tokens sent so far and `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -35,7 +42,10 @@ from .worker import Worker
 
 log = logging.getLogger("smolvlm.serving")
 
-PREPROCESS_THREADS = 4  # requests decoded/tokenized at once, beside the engine loop
+TEXT_THREADS = 2  # text-only requests parsed and tokenized at once, beside the engine loop
+MEDIA_THREADS = 2  # requests with media (or large bodies) parsed and decoded at once; more wait their turn
+LARGE_BODY = 256 * 1024  # bytes: a body this big is parsed in the media pool
+SHUTTING_DOWN = "The server is shutting down"
 
 
 class ClientGone(Exception):
@@ -47,7 +57,8 @@ def create_app(vlm, model_name: str, limits: Limits = Limits(), max_batch: int =
     """An app serving `vlm` (a `smolvlm.load` result) as `model_name`. `max_len` is the context (prompt + answer) of
     each batch slot, by default the model's (at most 8192); `max_batch` the requests decoded together. `metrics`:
     shared by the apps of one server (serving/adapters.py), else the app's own. `page` serves the browser chat page
-    at / (ui.py)."""
+    at / (ui.py). `app.state.drain(seconds)` starts a graceful shutdown: requests unfinished after `seconds` get a
+    503 error."""
     context = max_len or min(vlm.model.config.text_config.max_position_embeddings, 8192)
     metrics = metrics or ServerMetrics()
     worker = Worker(lambda: Engine(vlm.model, vlm.processor, vlm.end_ids, max_batch=max_batch, max_len=context),
@@ -58,19 +69,37 @@ def create_app(vlm, model_name: str, limits: Limits = Limits(), max_batch: int =
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.fetcher = Fetcher(limits)
-        app.state.pool = ThreadPoolExecutor(PREPROCESS_THREADS, thread_name_prefix="smolvlm-preprocess")
+        app.state.text_pool = ThreadPoolExecutor(TEXT_THREADS, thread_name_prefix="smolvlm-text")
+        app.state.media_pool = ThreadPoolExecutor(MEDIA_THREADS, thread_name_prefix="smolvlm-media")
         worker.start()
         try:
             yield
         finally:  # uvicorn has let in-flight requests finish (or cancelled them, aborting their engine requests)
             worker.stop()
-            app.state.pool.shutdown(wait=False, cancel_futures=True)
+            for pool in (app.state.text_pool, app.state.media_pool):
+                pool.shutdown(wait=False, cancel_futures=True)
             await app.state.fetcher.aclose()
 
     app = FastAPI(title="smolvlm", lifespan=lifespan)
     app.add_middleware(metrics.middleware)
     app.add_api_route("/metrics", metrics.scrape, methods=["GET"])  # Prometheus text format
     tokenize.add_routes(app, vlm, limits, context)
+
+    closing = asyncio.Event()  # set at the shutdown deadline: every request still in flight ends with a 503
+
+    def drain(seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+
+        def expire() -> None:
+            log.warning("shutdown deadline: ending the requests still in flight with a 503")
+            closing.set()
+            error = APIError(f"{SHUTTING_DOWN}: the request did not finish before the shutdown deadline", 503, None,
+                             "server_shutting_down", "server_error")
+            loop.run_in_executor(None, lambda: worker.stop(error=error))  # stop() waits for the loop thread
+
+        loop.call_later(seconds, expire)
+
+    app.state.drain = drain
 
     async def authorize(request: Request) -> None:
         if api_key is None:
@@ -123,22 +152,24 @@ def create_app(vlm, model_name: str, limits: Limits = Limits(), max_batch: int =
             body = await _read_body(request, limits.max_body_bytes)
         except ClientDisconnect:
             return Response(status_code=499)
-        chat = await loop.run_in_executor(app.state.pool, protocol.parse_request, body)  # a big body parses slowly
+        pool = app.state.media_pool if len(body) > LARGE_BODY else app.state.text_pool
+        chat = await loop.run_in_executor(pool, protocol.parse_request, body)
         if chat.model is not None and chat.model != model_name:
             raise _unknown_model(chat.model, model_name)
         if not worker.alive:
-            raise APIError("The server is shutting down", 503, None, None, "server_error")
+            raise APIError(SHUTTING_DOWN, 503, None, "server_shutting_down", "server_error")
 
         async def prepare() -> tuple[Prompt, SamplingParams]:
-            await loop.run_in_executor(app.state.pool, check, vlm, grammar(chat), chat)  # a bad schema: 400 first
+            await loop.run_in_executor(app.state.text_pool, check, vlm, grammar(chat), chat)  # a bad schema: 400 first
             media = await fetch_media(chat, app.state.fetcher, limits)
-            prompt = await loop.run_in_executor(app.state.pool, build_prompt, vlm.processor, chat, media, limits)
+            pool = app.state.media_pool if media else app.state.text_pool
+            prompt = await loop.run_in_executor(pool, build_prompt, vlm.processor, chat, media, limits)
             return prompt, sampling_params(chat, len(prompt), context, limits)
 
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         try:
             if chat.stream:
-                prompt, params = await _unless_disconnected(request, prepare())
+                prompt, params = await _unless_disconnected(request, prepare(), closing)
                 events = _sse(worker, request_id, prompt, params, model_name, chat)
                 return StreamingResponse(events, media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -153,7 +184,7 @@ def create_app(vlm, model_name: str, limits: Limits = Limits(), max_batch: int =
                 calls = tool_calls(chat, text) if calls_tools(chat) and finish == "stop" else None
                 return protocol.completion(request_id, model_name, text, finish, len(prompt), completion_tokens, calls)
 
-            return JSONResponse(await _unless_disconnected(request, answer()))
+            return JSONResponse(await _unless_disconnected(request, answer(), closing))
         except ClientGone:
             return Response(status_code=499)  # nobody reads it; the request's work was cancelled and aborted
 
@@ -181,18 +212,24 @@ def _unknown_model(name: str, served: str) -> APIError:
                     "model_not_found")
 
 
-async def _unless_disconnected(request: Request, work):
-    """Run `work` (a coroutine); if the client disconnects first, cancel it and raise ClientGone."""
+async def _unless_disconnected(request: Request, work, closing: asyncio.Event):
+    """Run `work` (a coroutine); if the client disconnects first, cancel it and raise ClientGone; if the shutdown
+    deadline comes first, cancel it and raise a 503."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
+    deadline = asyncio.ensure_future(closing.wait())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:  # also when this handler is cancelled (shutdown): the work is cancelled with it
+        await asyncio.wait({task, watcher, deadline}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this handler is cancelled: the work is cancelled with it
         watcher.cancel()
+        deadline.cancel()
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)  # let its clean-up (the abort) run
     if task.cancelled():
+        if closing.is_set():
+            raise APIError(f"{SHUTTING_DOWN}: the request did not finish before the shutdown deadline", 503, None,
+                           "server_shutting_down", "server_error")
         raise ClientGone
     return task.result()
 
@@ -210,16 +247,22 @@ async def _outputs(worker: Worker, request_id: str, prompt: Prompt, params: Samp
     try:
         worker.submit(request_id, prompt, params, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
     except RuntimeError:
-        raise APIError("The server is shutting down", 503, None, None, "server_error") from None
+        raise APIError(SHUTTING_DOWN, 503, None, "server_shutting_down", "server_error") from None
     finished = False
     try:
         while not finished:
             item = await queue.get()
+            if isinstance(item, APIError):  # the shutdown deadline
+                finished = True
+                raise item
             if isinstance(item, Exception):
                 finished = True
                 raise APIError(f"The engine failed while generating ({type(item).__name__}: {item}); the request was "
                                "dropped", 500, None, None, "server_error")
             finished = item.finished
+            if item.error is not None:  # this request's own work failed in a shared step; the others went on
+                raise APIError(f"Generating this answer failed ({item.error}); the request was dropped", 500, None,
+                               None, "server_error")
             yield item
     finally:
         if not finished:

@@ -36,7 +36,8 @@ def add_routes(app: FastAPI, vlm, limits, context: int) -> None:
         chat = parse_request(json.dumps({"messages": body["messages"]}).encode())
         media = await fetch_media(chat, app.state.fetcher, limits)
         loop = asyncio.get_running_loop()
-        prompt = await loop.run_in_executor(app.state.pool, build_prompt, vlm.processor, chat, media, limits)
+        pool = app.state.media_pool if media else app.state.text_pool
+        prompt = await loop.run_in_executor(pool, build_prompt, vlm.processor, chat, media, limits)
         return prompt.input_ids.tolist()
 
     @app.post("/tokenize")

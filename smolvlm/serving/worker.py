@@ -80,13 +80,16 @@ class Worker:
                     self.tracker.dropped(request_id)
         self.wake.set()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Abort whatever is left, let the loop drop it and end."""
+    def stop(self, timeout: float = 10.0, error: Exception | None = None) -> None:
+        """Abort whatever is left (its sinks get `error`, if given), let the loop drop it and end."""
         with self.lock:
             self.stopping = True
-            for request_id in self.sinks:
+            sinks, self.sinks = self.sinks, {}
+            for request_id in sinks:
                 self.engine.abort(request_id)
-            self.sinks.clear()
+        if error is not None:
+            for sink in sinks.values():
+                self._send(sink, error)
         self.wake.set()
         if self.thread.is_alive():
             self.thread.join(timeout)

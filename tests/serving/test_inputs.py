@@ -1,5 +1,6 @@
 """Sampling parameters from a request: defaults, the max_tokens limit and the context."""
 
+import base64
 import re
 
 import pytest
@@ -44,3 +45,43 @@ def test_refusals(fields, prompt_tokens, param, code, message):
     with pytest.raises(APIError, match=re.escape(message)) as e:
         params(prompt_tokens=prompt_tokens, **fields)
     assert (e.value.status, e.value.param, e.value.code) == (400, param, code)
+
+
+def media_request(*urls: tuple[str, str]) -> ChatCompletionRequest:
+    parts = [{"type": kind, kind: {"url": url}} for kind, url in urls]
+    return ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": parts}]})
+
+
+@pytest.mark.parametrize("budget, refused", [(20_000, None), (19_999, "messages[0].content[1].image_url.url"),
+                                              (9_999, "messages[0].content[0].image_url.url")])
+def test_the_decoded_pixels_of_a_request_are_budgeted_from_the_headers(vlm, budget, refused):
+    from server_process import png_data_url
+
+    from smolvlm.serving.inputs import build_prompt
+
+    request = media_request(("image_url", png_data_url(100, 100)), ("image_url", png_data_url(125, 80, seed=1)))
+    media = {f"messages[0].content[{j}].image_url.url": base64.b64decode(p.image_url.url.partition(",")[2])
+             for j, p in enumerate(request.messages[0].content)}
+    limits = Limits(max_request_pixels=budget)
+    if refused is None:
+        assert build_prompt(vlm.processor, request, media, limits).pixel_values is not None
+        return
+    with pytest.raises(APIError) as e:
+        build_prompt(vlm.processor, request, media, limits)
+    assert (e.value.status, e.value.code, e.value.param) == (400, "media_too_large", refused)
+    assert f"at most {budget} per request (--max-request-pixels)" in e.value.message
+
+
+def test_kept_video_frames_count_against_the_budget_before_decoding(vlm, tmp_path, monkeypatch):
+    from video_files import VideoSpec, make_video
+
+    import smolvlm.processing.video_decode as video_decode
+    from smolvlm.serving.inputs import build_prompt
+
+    data = make_video(tmp_path / "v.mp4", VideoSpec(64, 48, 10, 40)).read_bytes()  # 4 s: 4 frames kept at 1 fps
+    request = media_request(("video_url", "data:video/mp4;base64,"))
+    media = {"messages[0].content[0].video_url.url": data}
+    monkeypatch.setattr(video_decode, "_decode", lambda *a: pytest.fail("decoded despite the budget"))
+    with pytest.raises(APIError) as e:
+        build_prompt(vlm.processor, request, media, Limits(max_request_pixels=4 * 64 * 48 - 1))
+    assert e.value.code == "media_too_large" and "4 frames of 64x48" in e.value.message

@@ -90,3 +90,42 @@ def test_stop_ends_the_loop_and_refuses_new_requests(worker, vlm):
     assert not worker.engine.has_unfinished()
     with pytest.raises(RuntimeError, match="not running"):
         submit(worker, vlm, "late", "Hi", 2)
+
+
+@pytest.mark.parametrize("where", ["detokenizer", "sampler"])
+def test_a_request_failing_inside_a_shared_step_fails_alone(worker, vlm, monkeypatch, where):
+    """A failure injected into one request's own work in a step shared with others (its detokenizer while decoding,
+    or its sampler settings at admission): that request ends with an error, the others get their normal answers."""
+    from smolvlm.generation.detokenizer import Detokenizer
+    from smolvlm.generation.sampling import Sampler
+
+    if where == "detokenizer":
+        add = Detokenizer.add
+
+        def faulty_add(self, token_id):
+            if "BOOM" in self.stops.stop and len(self.token_ids) == 3:
+                raise ValueError("injected failure")
+            return add(self, token_id)
+
+        monkeypatch.setattr(Detokenizer, "add", faulty_add)
+    else:
+        set_ = Sampler.set
+
+        def faulty_set(self, slot, params, prompt_ids):
+            if "BOOM" in params.stop:
+                raise OverflowError("injected failure")
+            return set_(self, slot, params, prompt_ids)
+
+        monkeypatch.setattr(Sampler, "set", faulty_set)
+    texts = [f"Tell me about {w}" for w in ("cats", "dogs", "the sea")]
+    solo = [vlm.generate([{"role": "user", "content": t}], max_new_tokens=12) for t in texts]
+    sinks = {}
+    for i, text in enumerate(texts[:2] + ["Hi"] + texts[2:]):  # the faulty one joins the same prefill as the others
+        prompt = prepare(vlm.processor, [{"role": "user", "content": text}])
+        params = SamplingParams(max_new_tokens=12, stop=("BOOM",) if text == "Hi" else ())
+        sinks[text] = queue.Queue()
+        worker.submit(f"r{i}", prompt, params, sinks[text].put)
+    failed = drain(sinks.pop("Hi"))
+    assert failed[-1].finish_reason == "error" and "injected failure" in failed[-1].error
+    assert ["".join(o.text for o in drain(sinks[t])) for t in texts] == solo
+    assert worker.alive and worker.metrics.running == 0
