@@ -240,7 +240,9 @@ UNSUPPORTED = {  # field -> why a non-default value is refused
 def validation_error(e: ValidationError) -> tuple[str, str | None]:
     """(message, param) for the most specific problem pydantic found; param is its path, e.g. messages[0].content."""
     errors = [(_param(err["loc"]), err) for err in e.errors(include_url=False)]
-    param, err = max(errors, key=lambda pe: pe[0].count(".") + pe[0].count("["))  # the deepest union branch
+    # The deepest union branch; at equal depth, a branch of the right type (e.g. stop: a list of too many strings,
+    # not "should be a string").
+    param, err = max(errors, key=lambda pe: (pe[0].count(".") + pe[0].count("["), not pe[1]["type"].endswith("_type")))
     field = param.split(".")[0].split("[")[0]  # the top-level field
     if field in UNSUPPORTED:
         return f"{field}: {UNSUPPORTED[field]}", field

@@ -1,6 +1,7 @@
 """A server started with the URL options on (fetching from 127.0.0.1 and file: URLs), and how it shuts down on
-SIGTERM: requests in flight finish if they can within --shutdown-timeout and are cancelled otherwise; new
-connections are refused; the process exits."""
+SIGTERM: requests in flight finish if they can within --shutdown-timeout and otherwise end with a final error event
+and [DONE] (streams, after the tokens so far) or a 503 (non-streamed); new connections are refused; the process
+exits."""
 
 from __future__ import annotations
 
@@ -100,9 +101,21 @@ class Stream(threading.Thread):
         return bool(self.events) and self.events[-1] == "data: [DONE]"
 
 
-def test_sigterm_finishes_short_requests_and_cancels_long_ones(server):
+def test_sigterm_finishes_short_requests_and_ends_long_ones_with_an_error(server):
     short, long = Stream(server, 100), Stream(server, 4000)  # 100 tokens take well under a second, 4000 several
+    plain = {}
+
+    def non_streamed():
+        body = {"model": MODEL, "messages": user("Tell me a story"), "max_tokens": 4000}
+        plain["response"] = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30,
+                                       headers={"Authorization": f"Bearer {KEY}"})
+
+    waiter = threading.Thread(target=non_streamed, daemon=True)
+    waiter.start()
     assert short.started.wait(30) and long.started.wait(30)
+    busy = time.monotonic()
+    while server.health()["running"] < 3 and time.monotonic() - busy < 30:
+        time.sleep(0.05)
     started = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
     short.join(30)
@@ -117,5 +130,15 @@ def test_sigterm_finishes_short_requests_and_cancels_long_ones(server):
 
     assert server.process.wait(SHUTDOWN_TIMEOUT + 20) == -signal.SIGTERM  # uvicorn re-raises the signal it handled
     long.join(10)
-    assert not long.done  # cancelled at the deadline, not run to its end
-    assert time.monotonic() - started >= SHUTDOWN_TIMEOUT - 0.5
+    waiter.join(10)
+    # The long stream: its tokens so far, then an error event saying the server is shutting down, then [DONE].
+    assert long.done and long.error is None
+    error = json.loads(long.events[-2][6:])["error"]
+    assert (error["type"], error["code"]) == ("server_error", "server_shutting_down")
+    assert "shutting down" in error["message"]
+    assert sum("content" in e for e in long.events[1:-2]) > 10
+    # The non-streamed one: a 503 in OpenAI's format.
+    response = plain["response"]
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "server_shutting_down"
+    assert time.monotonic() - started >= SHUTDOWN_TIMEOUT - 0.6  # they had their time to finish
