@@ -29,7 +29,6 @@ RANGES = {
     "seed_1000_digits": (chat(seed=10**999), "seed", "less than or equal to"),
     "top_k_huge": (chat(top_k=2**63), "top_k", "less than or equal to 2147483647"),
     "top_k_negative": (chat(top_k=-1), "top_k", "greater than or equal to 0"),
-    "max_tokens_huge": (chat(max_tokens=2**70), "max_tokens", "too large"),
     "repetition_penalty_huge": (chat(repetition_penalty=1e300), "repetition_penalty", "less than or equal to"),
     "repetition_penalty_overflows": (raw('{%s, "repetition_penalty": 1e400}' % MESSAGES), "repetition_penalty",
                                      "finite number"),
