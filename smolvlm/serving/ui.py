@@ -22,7 +22,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from ..processing.image_processor import MAX_IMAGE_SIZE
-from .inputs import load_video
+from .inputs import PixelBudget, load_video
 from .limits import Limits
 from .protocol import APIError
 
@@ -54,7 +54,7 @@ def video_frames(processor, data: bytes, limits: Limits) -> dict:
     if processor.family != "smolvlm":
         raise APIError("Videos need a SmolVLM2 checkpoint; this server's model is SmolVLM v1 (idefics3)", 400, None,
                        "invalid_video")
-    video = load_video(processor, data, "video", limits)
+    video = load_video(processor, data, "video", limits, PixelBudget(limits))
     frames = []
     for index, time, frame in zip(video.indices, video.timestamps, video.frames):
         thumbnail = frame.copy()
@@ -82,7 +82,7 @@ def router(processor, limits: Limits, context: int, authorize, read_body, page: 
     async def sampled_frames(request: Request) -> dict:
         data = await read_body(request, limits.max_media_bytes, "--max-media-mb")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(request.app.state.pool, video_frames, processor, data, limits)
+        return await loop.run_in_executor(request.app.state.media_pool, video_frames, processor, data, limits)
 
     if page:
         files = {name: (WEB / name).read_bytes() for name in [*ASSETS, "index.html"]}
