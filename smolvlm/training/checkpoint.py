@@ -4,7 +4,7 @@ and resumed ends with the same weights as one never interrupted.
 `output/checkpoints/step-N/` holds
 - trainable.safetensors: the parameters that train (all weights, or the LoRA adapters), by module name;
 - state.pt: optimizer and LR-scheduler state, and the torch RNG states (LoRA dropout draws from them);
-- run.json: the step and the options of the run.
+- run.json: the step, the options of the run and what it logged so far (for the final loss curve).
 The data order needs no state: it is a function of (seed, epoch), and the step says where in it the run is.
 A checkpoint is written under a temporary name and renamed when complete, so a kill while writing leaves the previous
 one intact; only the latest is kept.
@@ -34,7 +34,8 @@ def latest(output: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def save(output: Path, step: int, model: torch.nn.Module, optimizer, scheduler, options: FinetuneOptions) -> Path:
+def save(output: Path, step: int, model: torch.nn.Module, optimizer, scheduler, options: FinetuneOptions,
+         history: list[dict]) -> Path:
     root = output / FOLDER
     tmp, final = root / f".step-{step}.tmp", root / f"step-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -45,7 +46,8 @@ def save(output: Path, step: int, model: torch.nn.Module, optimizer, scheduler, 
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}, tmp / "state.pt")
-    (tmp / "run.json").write_text(json.dumps({"step": step, "options": dataclasses.asdict(options)}, indent=2))
+    (tmp / "run.json").write_text(json.dumps({"step": step, "options": dataclasses.asdict(options),
+                                                   "history": history}, indent=2))
     tmp.rename(final)
     for old in root.glob("step-*"):
         if old != final:
@@ -53,8 +55,8 @@ def save(output: Path, step: int, model: torch.nn.Module, optimizer, scheduler, 
     return final
 
 
-def load(path: Path, model: torch.nn.Module, optimizer, scheduler, options: FinetuneOptions) -> int:
-    """Restore a checkpoint into the freshly built model, optimizer and scheduler; return its step."""
+def load(path: Path, model: torch.nn.Module, optimizer, scheduler, options: FinetuneOptions) -> tuple[int, list[dict]]:
+    """Restore a checkpoint into the freshly built model, optimizer and scheduler; return (its step, its history)."""
     try:
         run = json.loads((path / "run.json").read_text(encoding="utf-8"))
         saved = run["options"]
@@ -84,7 +86,7 @@ def load(path: Path, model: torch.nn.Module, optimizer, scheduler, options: Fine
     torch.set_rng_state(state["rng"]["cpu"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return step
+    return step, run.get("history", [])
 
 
 def _plain(value):

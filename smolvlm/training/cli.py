@@ -12,7 +12,7 @@ import os
 
 from ..hub import DEFAULT_MODEL
 
-from .options import LORA_TARGETS, SCHEDULES, FinetuneOptions
+from .options import DATA_FORMATS, LORA_TARGETS, REPORTERS, SCHEDULES, FinetuneOptions
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(FinetuneOptions)}
 
@@ -22,14 +22,19 @@ def add_finetune(subparsers) -> None:
 
     p = subparsers.add_parser(
         "finetune", argument_default=argparse.SUPPRESS,
-        help="fine-tune a model on JSONL conversations (LoRA or full)",
-        description="Fine-tune on a JSONL file of chat conversations ({\"messages\": [...]} per line; images by path "
-                    "relative to the file, URL or base64). The loss is on the assistant's tokens only.")
+        help="fine-tune a model on chat conversations (LoRA, QLoRA or full)",
+        description="Fine-tune on chat conversations: our JSONL ({\"messages\": [...]} per line; images by path "
+                    "relative to the file, URL or base64), ShareGPT/LLaVA JSON(L), or a Hugging Face `datasets` "
+                    "folder or Parquet file. The loss is on the assistant's tokens only.")
     p.add_argument("--model", "-m", default=os.environ.get("SMOLVLM_MODEL") or DEFAULT_MODEL,
                    help="checkpoint folder or hub repo id to start from (default: $SMOLVLM_MODEL or %(default)s)")
     p.add_argument("--revision", help="hub revision of --model")
-    p.add_argument("--data", required=True, help="training conversations (JSONL)")
-    p.add_argument("--eval", help="evaluation conversations (JSONL): eval loss every --eval-every steps and at the end")
+    p.add_argument("--data", required=True, help="training conversations (file or `datasets` folder)")
+    p.add_argument("--data-format", choices=DATA_FORMATS,
+                   help="messages (our JSONL), sharegpt (ShareGPT/LLaVA), datasets (saved folder or Parquet); "
+                        "default: detected")
+    p.add_argument("--eval", help="evaluation conversations (same format as --data): eval loss every --eval-every "
+                                  "steps and at the end")
     p.add_argument("--output", "-o", required=True,
                    help="run folder: checkpoints while training, then the model (or LoRA adapter)")
 
@@ -37,6 +42,8 @@ def add_finetune(subparsers) -> None:
     kind = what.add_mutually_exclusive_group()
     kind.add_argument("--lora-r", type=int, help=f"LoRA rank (default: LoRA with rank {DEFAULTS['lora_r']})")
     kind.add_argument("--full", action="store_true", help="train every weight instead of LoRA adapters")
+    what.add_argument("--qlora", action="store_true",
+                      help="LoRA on a 4-bit NF4 base (bitsandbytes; bf16 compute, gradient checkpointing)")
     what.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default: 2 x rank)")
     what.add_argument("--lora-dropout", type=float, help=f"default: {DEFAULTS['lora_dropout']}")
     what.add_argument("--lora-targets", help=f"comma-separated, of {', '.join(LORA_TARGETS)} (default: text: the "
@@ -60,7 +67,8 @@ def add_finetune(subparsers) -> None:
     how.add_argument("--batch-size", type=int, help=f"conversations per micro-batch (default: {DEFAULTS['batch_size']})")
     how.add_argument("--grad-accum", type=int, help=f"micro-batches per optimizer step (default: {DEFAULTS['grad_accum']})")
     how.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, slower")
-    how.add_argument("--dtype", help=f"weights' dtype while training and in the output (default: {DEFAULTS['dtype']})")
+    how.add_argument("--dtype", help="weights' dtype while training and in the output (default: float32; with "
+                                     "--qlora bfloat16, the compute dtype of the 4-bit layers)")
     how.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available, else cpu)")
     how.add_argument("--seed", type=int, help=f"decides LoRA's initial weights, dropout and the data order "
                                               f"(default: {DEFAULTS['seed']})")
@@ -71,6 +79,7 @@ def add_finetune(subparsers) -> None:
     run.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     run.add_argument("--skip-bad-records", action="store_true",
                      help="skip records that can't be used (and report how many) instead of stopping")
+    run.add_argument("--report-to", help=f"comma-separated, of {', '.join(REPORTERS)}, or none (default: jsonl)")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(run=run_finetune)
 
@@ -95,5 +104,5 @@ def run_finetune(args: argparse.Namespace) -> int:
         summary += f"; LoRA adapter in {result.adapter}"
     if result.skipped:
         summary += f"; skipped {len(result.skipped)} bad records"
-    print(summary)
+    print(summary + f"; summary and loss curve in {result.output / 'summary.md'}")
     return 0

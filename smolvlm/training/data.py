@@ -1,4 +1,4 @@
-"""Training data: JSONL conversations -> checked records -> model inputs with labels on the assistant's tokens only.
+"""Training data: JSONL conversations (other formats: `formats`) -> checked records -> model inputs with labels on the assistant's tokens only.
 
 One record per line: `{"messages": [{"role": "user", "content": [{"type": "image", "path": "cat.png"},
 {"type": "text", "text": "What is this?"}]}, {"role": "assistant", "content": "A cat."}]}` (the chat format; string
@@ -43,7 +43,7 @@ class Record:
     source: str  # "train.jsonl, line 7": where errors point
     text: str  # the chat template's rendering, with one `<image>` per image
     spans: list[tuple[int, int]]  # [start, end) character ranges of `text` that carry loss
-    images: list[str]  # absolute paths, URLs or base64 strings, in order
+    images: list  # absolute paths, URLs or base64 strings (PIL images or bytes from a `datasets` table), in order
     videos: list[str]  # absolute paths or URLs (a conversation has images or videos, not both)
 
 
@@ -59,42 +59,69 @@ class BadRecord(InputError):
     """A record that can't be used; the message starts with its file and line."""
 
 
-def read_jsonl(path: str | os.PathLike, processor: Processor,
-               skip_bad_records: bool = False) -> tuple[list[Record], list[BadRecord]]:
-    """(records, skipped) of a JSONL file. Without `skip_bad_records` the first bad record raises its BadRecord."""
+def read_jsonl(path: str | os.PathLike, processor: Processor, skip_bad_records: bool = False,
+               to_messages=None) -> tuple[list[Record], list[BadRecord]]:
+    """(records, skipped) of a JSONL file (or a JSON array of records). `to_messages(data, where)` turns a record into
+    chat messages (default: our {"messages": [...]}). Without `skip_bad_records` the first bad record raises."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"Data file {path} not found")
     records, bad = [], []
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}, line {number}"
-            try:
-                records.append(_record(raw, where, path.parent, processor))
-            except BadRecord as e:
-                if not skip_bad_records:
-                    raise
-                bad.append(e)
+    for where, data in json_records(path):
+        try:
+            if isinstance(data, BadRecord):
+                raise data
+            records.append(check_record((to_messages or messages_of)(data, where), where, path.parent, processor))
+        except BadRecord as e:
+            if not skip_bad_records:
+                raise
+            bad.append(e)
     if not records:
         raise InputError(f"{path} holds no usable records" + (f" ({len(bad)} bad ones were skipped; the first: {bad[0]})"
                                                                if bad else ""))
     return records, bad
 
 
-def _record(raw: bytes, where: str, base: Path, processor: Processor) -> Record:
+def json_records(path: Path):
+    """(where, parsed record or its BadRecord) of each line of a JSONL file, or each item of a file holding one JSON
+    array (LLaVA's instruction files are one)."""
+    with path.open("rb") as f:
+        if f.read(64).lstrip()[:1] == b"[":
+            f.seek(0)
+            try:
+                items = json.load(f)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise InputError(f"{path}: starts with '[' but is not a valid JSON array ({e})") from e
+            yield from ((f"{path}, record {i}", item) for i, item in enumerate(items))
+            return
+        f.seek(0)
+        for number, raw in enumerate(f, start=1):
+            if raw.strip():
+                yield f"{path}, line {number}", _parse(raw, f"{path}, line {number}")
+
+
+def _parse(raw: bytes, where: str):
     try:
-        line = raw.decode("utf-8")
-        data = json.loads(line)
+        return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise BadRecord(f"{where}: not UTF-8 text (byte {e.start + 1} is {raw[e.start:e.start + 1]!r})") from e
+        return BadRecord(f"{where}: not UTF-8 text (byte {e.start + 1} is {raw[e.start:e.start + 1]!r})")
     except json.JSONDecodeError as e:
-        raise BadRecord(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
+        return BadRecord(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
+
+
+def messages_of(data, where: str) -> list:
+    """Our format: {"messages": [...]}."""
     if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
-        raise BadRecord(f'{where}: expected an object {{"messages": [...]}}, got {line.strip()[:120]!r}')
+        hint = " (a ShareGPT/LLaVA record: pass --data-format sharegpt)" if isinstance(data, dict) and \
+            "conversations" in data else ""
+        raise BadRecord(f'{where}: expected an object {{"messages": [...]}}{hint}, got {json.dumps(data)[:120]!r}')
+    return data["messages"]
+
+
+def check_record(messages: list, where: str, base: Path, processor: Processor) -> Record:
+    """A checked Record of chat messages (images by path relative to `base`, URL, base64 or an image object)."""
     try:
-        (messages,), _ = normalize_conversations([data["messages"]])
+        (messages,), _ = normalize_conversations([messages])
     except InputError as e:
         raise BadRecord(f"{where}: {str(e).replace('conversation 0, ', '')}") from e
     media = {"image": [], "video": []}
@@ -142,6 +169,8 @@ def _media_source(block: dict, where: str, base: Path) -> str:
     if key is None:
         raise BadRecord(f"{where}: an {kind} block needs one of the keys {', '.join(keys)}")
     source = block[key]
+    if kind == "image" and isinstance(source, (Image.Image, bytes)):  # from a `datasets` image column
+        return source
     if not isinstance(source, str):
         raise BadRecord(f"{where}: the {kind}'s {key!r} must be a string (a path, URL or base64), got "
                         f"{type(source).__name__}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..adapters import require_peft
+from ..adapters import merge_adapter, require_peft
 from ..model import Model
 
 # Which linear layers each --lora-targets name adapts (peft matches the regex against the full module name).
@@ -40,3 +40,9 @@ def save_adapter(peft_model, folder: Path) -> None:
 def merge(peft_model) -> Model:
     """The plain `Model` with the adapters folded into its weights (W + B @ A * alpha / r)."""
     return peft_model.merge_and_unload()
+
+
+
+def merged_onto(base: Path, adapter: Path) -> Model:
+    """The adapter in `adapter` loaded onto the plain `base` checkpoint (in its own dtype) and merged."""
+    return merge_adapter(Model.from_pretrained(base), adapter)

@@ -13,10 +13,12 @@ from ..errors import InputError
 LORA_TARGETS = ("text", "connector", "vision")
 SCHEDULES = ("cosine", "linear", "constant")
 DEFAULT_LR = {"lora": 2e-4, "full": 1e-5}
+DATA_FORMATS = ("auto", "messages", "sharegpt", "datasets")
+REPORTERS = ("jsonl", "tensorboard", "csv")
 
 # Options that must not change between a run and its --resume: they decide the weights, the data order or the
 # optimizer's shape. (The others, like --save-every or --eval, may change.)
-RESUME_FIXED = ("model", "revision", "data", "full", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
+RESUME_FIXED = ("model", "revision", "data", "full", "qlora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
                 "freeze_vision", "lr", "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm", "batch_size",
                 "grad_accum", "seed", "dtype", "do_image_splitting", "image_longest_edge")
 
@@ -26,12 +28,14 @@ class FinetuneOptions:
     """A fine-tuning run. `model`, `data` and `output` are required; every other field has a working default."""
 
     model: str
-    data: str  # JSONL, one {"messages": [...]} conversation per line
+    data: str  # conversations: our JSONL, ShareGPT/LLaVA JSON(L), or a `datasets` folder / Parquet file
     output: str  # the run folder: checkpoints while training, the fine-tuned model (or adapter) at the end
     eval: str | None = None  # JSONL like `data`; its loss is reported every eval_every steps and at the end
     revision: str | None = None  # hub revision of `model`
+    data_format: str = "auto"  # messages, sharegpt or datasets; auto: detected from the path and the first record
     # What is trained: LoRA adapters of rank lora_r (the default), or every weight with full=True.
     full: bool = False
+    qlora: bool = False  # LoRA on a base whose linear layers are held in 4-bit NF4 (bitsandbytes)
     lora_r: int = 8
     lora_alpha: float | None = None  # None: 2 * lora_r
     lora_dropout: float = 0.05
@@ -53,7 +57,7 @@ class FinetuneOptions:
     batch_size: int = 4
     grad_accum: int = 1
     gradient_checkpointing: bool = False
-    dtype: str = "float32"  # the weights' dtype while training (and in the output)
+    dtype: str | None = None  # the weights' dtype while training (and in the output); None: float32, QLoRA bfloat16
     device: str | None = None  # None: cuda if available, else cpu
     seed: int = 0
     # Checkpoints, evaluation, data problems, output.
@@ -62,6 +66,7 @@ class FinetuneOptions:
     resume: bool = False  # continue the run in `output` from its last checkpoint
     skip_bad_records: bool = False  # skip (and count) bad records instead of stopping at the first one
     progress: bool = True  # a tqdm progress bar on stderr
+    report_to: tuple[str, ...] = ("jsonl",)  # loggers, of jsonl (log.jsonl), tensorboard (tb/), csv (log.csv)
 
     def checked(self) -> FinetuneOptions:
         """A copy with defaults filled in (lr, lora_alpha, lora_targets as a tuple); InputError names a bad option."""
@@ -69,6 +74,9 @@ class FinetuneOptions:
         if isinstance(o.lora_targets, str):
             o.lora_targets = tuple(t.strip() for t in o.lora_targets.split(",") if t.strip())
         o.lora_targets = tuple(o.lora_targets)
+        if isinstance(o.report_to, str):
+            o.report_to = tuple(t.strip() for t in o.report_to.split(",") if t.strip() and t.strip() != "none")
+        o.report_to = tuple(o.report_to)
         for name in ("model", "data", "output"):
             if not isinstance(getattr(o, name), str) or not getattr(o, name):
                 raise InputError(f"finetune option {name!r} is required (a path)")
@@ -85,6 +93,15 @@ class FinetuneOptions:
         if not o.lora_targets or any(t not in LORA_TARGETS for t in o.lora_targets):
             raise InputError(f"finetune option 'lora_targets' = {','.join(o.lora_targets)!r}: expected a comma-separated "
                              f"list of {', '.join(LORA_TARGETS)}")
+        if any(t not in REPORTERS for t in o.report_to):
+            raise InputError(f"finetune option 'report_to' = {','.join(o.report_to)!r}: expected a comma-separated "
+                             f"list of {', '.join(REPORTERS)} (or none)")
+        if o.data_format not in DATA_FORMATS:
+            raise InputError(f"finetune option 'data_format' = {o.data_format!r}: expected one of "
+                             f"{', '.join(DATA_FORMATS)}")
+        if o.qlora and o.full:
+            raise InputError("--qlora trains LoRA adapters on a frozen 4-bit base; it can't be combined with --full "
+                             "(full fine-tuning needs full-precision weights to update)")
         if not 0 <= o.lora_dropout < 1:
             raise InputError(f"finetune option 'lora_dropout' = {o.lora_dropout!r}: expected a number in [0, 1)")
         if o.full and o.merge:
@@ -95,6 +112,8 @@ class FinetuneOptions:
         o.lr = DEFAULT_LR["full" if o.full else "lora"] if o.lr is None else float(o.lr)
         if not o.lr > 0:
             raise InputError(f"finetune option 'lr' = {o.lr!r}: expected a positive number")
+        if o.dtype is None:
+            o.dtype = "bfloat16" if o.qlora else "float32"
         if o.lora_alpha is None:
             o.lora_alpha = 2 * o.lora_r
         return o

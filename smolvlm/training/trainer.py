@@ -1,12 +1,14 @@
 """The training loop: micro-batches in a seeded order, gradient accumulation, clipping, AdamW with a warmup + decay
-schedule, eval loss at intervals, checkpoints, a tqdm progress bar and a JSONL log (output/log.jsonl)."""
+schedule, eval loss at intervals, checkpoints, a tqdm progress bar and the reporters of `reporting` (log.jsonl...).
+
+Records are a sequence (a list, or a `datasets` table read row by row): a micro-batch reads only its own records."""
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -18,6 +20,7 @@ from . import checkpoint
 from .data import BadRecord, Record, collate, encode, micro_batch
 from .loss import label_count, loss_sum
 from .options import FinetuneOptions
+from .reporting import Reports
 
 
 def lr_factor(schedule: str, warmup: int, total: int):
@@ -35,7 +38,8 @@ def lr_factor(schedule: str, warmup: int, total: int):
 
 
 class Trainer:
-    def __init__(self, model: Model, processor: Processor, records: list[Record], eval_records: list[Record] | None,
+    def __init__(self, model: Model, processor: Processor, records: Sequence[Record],
+                 eval_records: Sequence[Record] | None,
                  options: FinetuneOptions, total_steps: int):
         self.model, self.processor, self.options = model, processor, options
         self.records, self.eval_records = records, eval_records
@@ -46,14 +50,14 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(options.lr_schedule, options.warmup_steps, total_steps))
         self.output = Path(options.output)
-        self.log_path = self.output / "log.jsonl"
-        self.skipped: dict[str, str] = {}  # record -> why, for records that failed to encode
+        self.history: list[dict] = []  # everything logged, kept in checkpoints for the final loss curve
+        self.skipped: dict[tuple[int, int], str] = {}  # (records, index) -> why, for records that failed to encode
         self.last_loss: float | None = None
         self.last_eval: float | None = None
 
     # -- data --
 
-    def _batch(self, records: list[Record], indices: list[int]) -> dict | None:
+    def _batch(self, records: Sequence[Record], indices: list[int]) -> dict | None:
         """The collated batch of these records on the model's device (None if every one of them is bad)."""
         examples = []
         for i in indices:
@@ -62,8 +66,8 @@ class Trainer:
             except BadRecord as e:
                 if not self.options.skip_bad_records:
                     raise
-                if records[i].source not in self.skipped:
-                    self.skipped[records[i].source] = str(e)
+                if (id(records), i) not in self.skipped:
+                    self.skipped[id(records), i] = str(e)
                     tqdm.write(f"smolvlm finetune: skipping {e}", file=sys.stderr)
         if not examples:
             return None
@@ -72,9 +76,9 @@ class Trainer:
 
     # -- loop --
 
-    def run(self, start_step: int) -> None:
+    def run(self, start_step: int) -> Reports:
         o = self.options
-        self._trim_log(start_step)
+        reports = Reports(self.output, o.report_to, start_step, self.history)
         bar = tqdm(total=self.total_steps, initial=start_step, desc="finetune", unit="step", disable=not o.progress,
                    file=sys.stderr, dynamic_ncols=True)
         self.model.train()
@@ -83,17 +87,19 @@ class Trainer:
             lr = self.scheduler.get_last_lr()[0]
             self.last_loss, tokens = self._step(step)
             speed = tokens / (time.perf_counter() - began)
-            self._log(step=step, loss=round(self.last_loss, 6), lr=lr, tokens_per_s=round(speed, 1))
+            reports.log(step=step, loss=round(self.last_loss, 6), lr=lr, tokens_per_s=round(speed, 1))
             bar.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}", refresh=False)
             bar.update(1)
             done = step == self.total_steps
             if self.eval_records and (done or step % o.eval_every == 0):
                 self.last_eval = self.evaluate()
-                self._log(step=step, eval_loss=round(self.last_eval, 6))
+                reports.log(step=step, eval_loss=round(self.last_eval, 6))
                 tqdm.write(f"step {step}: eval loss {self.last_eval:.4f}", file=sys.stderr)
             if not done and step % o.save_every == 0:
-                checkpoint.save(self.output, step, self.model, self.optimizer, self.scheduler, o)
+                checkpoint.save(self.output, step, self.model, self.optimizer, self.scheduler, o, self.history)
         bar.close()
+        reports.close()
+        return reports
 
     def _step(self, step: int) -> tuple[float, int]:
         """One optimizer step over micro-batches (step - 1) * grad_accum ...; (mean token loss, tokens seen)."""
@@ -128,22 +134,3 @@ class Trainer:
                 total, count = total + float(loss), count + int(n)
         self.model.train()
         return total / max(count, 1)
-
-    # -- log --
-
-    def _log(self, **entry) -> None:
-        with self.log_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
-
-    def _trim_log(self, step: int) -> None:
-        """Drop what a killed run logged after the checkpoint it resumes from (those steps run again)."""
-        if not self.log_path.is_file():
-            return
-        kept = []
-        for line in self.log_path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line)
-            except (ValueError, KeyError, TypeError):  # a line cut short by the kill
-                pass
-        self.log_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

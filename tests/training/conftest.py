@@ -7,6 +7,8 @@ import torch
 from finetune_data import conversations, write_jsonl
 from PIL import Image
 
+from smolvlm.processing import Processor
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -26,3 +28,13 @@ def dataset(tmp_path) -> Path:
     Image.new("RGB", (200, 70), (20, 200, 20)).save(tmp_path / "imgs/wide.png")
     Image.new("RGB", (30, 100), (20, 20, 200)).save(tmp_path / "imgs/tall.png")
     return write_jsonl(tmp_path / "train.jsonl", conversations())
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_v2):
+    """A prompt with an image (split into tiles) and a text-only one, right-padded into one batch."""
+    processor = Processor.from_pretrained(tiny_v2)
+    image = Image.new("RGB", (100, 60), (30, 140, 220))
+    messages = [[{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Colour?"}]}],
+                [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Hi"}]}]]
+    return processor.apply_chat_template(messages, tokenize=True, padding=True)

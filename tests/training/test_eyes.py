@@ -1,9 +1,11 @@
 """The eyes test: a tiny SmolVLM trained from random weights learns to see.
 
 Task: "What colour is the shape?" about a circle or square of one of four colours, of random size and place, on a
-random grey background; the answer is one token (" red", " blue", " green", " yellow"). After a short full fine-tune
-through `finetune` (JSONL, images on disk, the written checkpoint), the greedy answer on fresh images is right at
-least 95% of the time, while on blank images (no shape: nothing to see) it is at chance.
+random grey background; the answer is one token (" red", " blue", " green", " yellow"). After a short fine-tune
+through `finetune` (images on disk, the written checkpoint), the greedy answer on fresh images is right at least 95% of
+the time, while on blank images (no shape: nothing to see) it is at chance. The same data trains as our JSONL, as a
+ShareGPT/LLaVA file and as a `datasets` Parquet file (full fine-tuning), and with QLoRA (4-bit NF4 base + LoRA on
+the text model, connector and vision encoder, merged into the full-precision base at the end).
 """
 
 import json
@@ -51,18 +53,45 @@ def eyes_checkpoint(tmp_path_factory):
     return folder
 
 
-@needs_shared
-def test_eyes(eyes_checkpoint, tmp_path):
-    rng = np.random.default_rng(0)
-    names = list(COLOURS)
-    lines = []
-    for i in range(256):
-        draw(rng, names[i % 4]).save(tmp_path / f"{i}.png")
-        lines.append({"messages": [question({"path": f"{i}.png"}), {"role": "assistant", "content": names[i % 4]}]})
-    data = write_jsonl(tmp_path / "train.jsonl", lines)
+def write_data(folder, data_format: str, names: list[str], rng) -> str:
+    """256 training images in `folder` and their questions in `data_format`; the path to give --data."""
+    colours = [names[i % 4] for i in range(256)]
+    for i, colour in enumerate(colours):
+        draw(rng, colour).save(folder / f"{i}.png")
+    if data_format == "sharegpt":
+        return str(write_jsonl(folder / "train.jsonl", [
+            {"conversations": [{"from": "human", "value": f"<image>\n{QUESTION}"}, {"from": "gpt", "value": colour}],
+             "image": f"{i}.png"} for i, colour in enumerate(colours)]))
+    if data_format == "parquet":  # TRL's VLM layout: an "images" column, image blocks without a source in "messages"
+        import datasets
 
-    result = finetune(model=str(eyes_checkpoint), data=str(data), output=str(tmp_path / "out"), full=True, steps=80,
-                      batch_size=16, lr=3e-3, warmup_steps=10, seed=0, progress=False)
+        table = datasets.Dataset.from_dict(
+            {"images": [[str(folder / f"{i}.png")] for i in range(256)],
+             "messages": [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
+                           {"role": "assistant", "content": [{"type": "text", "text": colour}]}] for colour in colours]},
+            features=None).cast_column("images", datasets.Sequence(datasets.Image()))
+        table.to_parquet(str(folder / "train.parquet"))
+        return str(folder / "train.parquet")
+    return str(write_jsonl(folder / "train.jsonl", [
+        {"messages": [question({"path": f"{i}.png"}), {"role": "assistant", "content": colour}]}
+        for i, colour in enumerate(colours)]))
+
+
+TRAINING = {
+    "full": dict(full=True, lr=3e-3),
+    "sharegpt": dict(full=True, lr=3e-3),
+    "parquet": dict(full=True, lr=3e-3),
+    "qlora": dict(qlora=True, lora_r=16, lr=1e-3, lora_targets="text,connector,vision", merge=True),
+}
+
+
+@needs_shared
+@pytest.mark.parametrize("kind", list(TRAINING))
+def test_eyes(kind, eyes_checkpoint, tmp_path):
+    names = list(COLOURS)
+    data = write_data(tmp_path, kind, names, np.random.default_rng(0))
+    result = finetune(model=str(eyes_checkpoint), data=data, output=str(tmp_path / "out"), steps=80, batch_size=16,
+                      warmup_steps=10, seed=0, progress=False, **TRAINING[kind])
 
     model, processor = Model.from_pretrained(result.output), Processor.from_pretrained(result.output)
     answers = torch.tensor([processor.tokenizer.token_to_id("Ġ" + n) for n in names])  # " red" ... one token each
@@ -79,7 +108,7 @@ def test_eyes(eyes_checkpoint, tmp_path):
 
     seen, _ = accuracy(blank=False, seed=1)
     blind, blind_colours = accuracy(blank=True, seed=2)
-    print(f"eyes: accuracy {seen:.3f} on held-out images, {blind:.3f} on blank images (chance 0.25); "
+    print(f"eyes ({kind}): accuracy {seen:.3f} on held-out images, {blind:.3f} on blank images (chance 0.25); "
           f"final train loss {result.train_loss:.4f}")
     assert seen >= 0.95
     assert blind <= 0.45 and blind_colours == 1.0  # it still answers with a colour, just not the right one

@@ -7,23 +7,12 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from smolvlm import InputError, Model
 from smolvlm.processing import Processor
 from smolvlm.training import finetune
 from tiny import make_tiny_checkpoint, needs_shared
-
-
-@pytest.fixture(scope="module")
-def inputs(tiny_v2):
-    """A prompt with an image (split into tiles) and a text-only one, right-padded into one batch."""
-    processor = Processor.from_pretrained(tiny_v2)
-    image = Image.new("RGB", (100, 60), (30, 140, 220))
-    messages = [[{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Colour?"}]}],
-                [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Hi"}]}]]
-    return processor.apply_chat_template(messages, tokenize=True, padding=True)
 
 
 def reference(folder):

@@ -1,6 +1,7 @@
 """A run killed mid-training (SIGKILL, in a subprocess) and resumed with --resume ends with exactly the weights, losses
 and eval losses of the same run never interrupted."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -39,13 +40,14 @@ def kill_after_checkpoint(argv: list[str], output, step: int) -> None:
     process.stderr.close()
 
 
-@pytest.mark.parametrize("kind", ["lora", "full"])
+@pytest.mark.parametrize("kind", ["lora", "qlora", "full"])
 def test_resume_after_kill_equals_uninterrupted(kind, tiny_v2, dataset, tmp_path):
     # 4 records in micro-batches of 3 (the second one short), 2 per step: every step is a new epoch, reshuffled.
     argv = ["--model", str(tiny_v2), "--data", str(dataset), "--eval", str(dataset), "--steps", "30",
             "--batch-size", "3", "--grad-accum", "2", "--save-every", "4", "--eval-every", "5", "--seed", "7",
             "--lr", "1e-3", "--warmup-steps", "3", "--no-progress"]
     argv += ["--full"] if kind == "full" else ["--lora-r", "4", "--lora-dropout", "0.2", "--lora-targets", "text,vision"]
+    argv += ["--qlora", "--report-to", "jsonl,csv,tensorboard"] if kind == "qlora" else []
     weights = "model.safetensors" if kind == "full" else "adapter_model.safetensors"
 
     assert finetune_cli(*argv, "--output", str(tmp_path / "straight")) == 0
@@ -67,3 +69,19 @@ def test_resume_after_kill_equals_uninterrupted(kind, tiny_v2, dataset, tmp_path
         assert torch.equal(resumed[key], expected[key]), key
     assert history(out) == history(tmp_path / "straight")
     assert not (out / "checkpoints").exists()
+    if kind == "qlora":  # the other reporters also end as the uninterrupted run's, and so does the loss curve's data
+        rows = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in csv.DictReader((out / "log.csv").open())]
+        assert rows == [{k: v for k, v in r.items() if k != "tokens_per_s"}
+                        for r in csv.DictReader((tmp_path / "straight" / "log.csv").open())]
+        assert [e for e in tensorboard_scalars(out) if e[0] != "train/tokens_per_s"] == \
+            [e for e in tensorboard_scalars(tmp_path / "straight") if e[0] != "train/tokens_per_s"]
+        assert "![loss curve](loss.png)" in (out / "summary.md").read_text()
+
+
+def tensorboard_scalars(output) -> list[tuple[str, int, float]]:
+    """(tag, step, value) of the scalars TensorBoard shows for the run (events a resume purged are left out)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(output / "tb"))
+    events.Reload()
+    return sorted((tag, e.step, round(e.value, 5)) for tag in events.Tags()["scalars"] for e in events.Scalars(tag))
