@@ -98,11 +98,11 @@ def test_image_options_reach_the_processor_that_reads_the_data(tiny_v2, dataset,
 
     seen = []
 
-    def read_jsonl(path, processor, skip):
+    def read_data(path, data_format, processor, skip):
         seen.append(processor.image_processor)
         raise InputError("stop here")
 
-    monkeypatch.setattr(run, "read_jsonl", read_jsonl)
+    monkeypatch.setattr(run, "read_data", read_data)
     with pytest.raises(InputError, match="stop here"):
         finetune_cli("--model", str(tiny_v2), "--data", str(dataset), "--output", str(tmp_path / "o"),
                      "--no-image-splitting", "--image-longest-edge", "64")
