@@ -47,9 +47,10 @@ def add_run_batch(subparsers) -> None:
                    help="width x height of one image" + d)
     p.add_argument("--allow-private-urls", action="store_true",
                    help="let requests fetch loopback, private and link-local http(s) addresses")
-    p.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
-                   help="run on a Ray cluster through Ray Data (ADDRESS: 'auto' (default) or ray://host:10001); "
-                        "needs pip install 'smolvlm[ray]'")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run through Ray Data on the cluster at ADDRESS (host:6379, ray://host:10001; default: "
+                        "$RAY_ADDRESS or the cluster `ray start` made here, else a new local one); OUTPUT is then a "
+                        "folder; needs pip install 'smolvlm[ray]'")
     p.add_argument("--concurrency", type=positive(int), default=1,
                    help="with --ray: engine replicas (actors), one model each" + d)
     p.add_argument("--num-gpus", type=float, default=0.0, help="with --ray: GPUs per replica" + d)

@@ -53,10 +53,11 @@ def read_requests(path: str | os.PathLike) -> Iterator[Item]:
     with f:
         for n, raw in enumerate(f, 1):
             if raw.strip():
-                yield _request(raw, n)
+                yield parse_line(raw, n)
 
 
-def _request(raw: bytes, n: int) -> Item:
+def parse_line(raw: bytes, n: int) -> Item:
+    """One OpenAI Batch input line as an Item (with its error if it isn't a usable request line)."""
     def bad(message: str, param: str | None = None, custom_id: str | None = None) -> Item:
         error = APIError(f"line {n}: {message}", 400, param, "invalid_batch_line")
         return Item(key_of(custom_id, n), custom_id, n, error=error)

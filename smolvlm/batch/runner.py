@@ -48,6 +48,16 @@ class Prepared:
     chat: ChatCompletionRequest
     prompt: Prompt
     params: SamplingParams
+    worker_rss: int = 0  # peak RSS (kB) of the worker process that prepared it
+
+
+@dataclass
+class Failed:
+    """A request that can't run, and why (the server's error for it)."""
+
+    item: Item
+    error: APIError
+    worker_rss: int = 0
 
 
 class Preparer:
@@ -59,9 +69,9 @@ class Preparer:
         self.loop = asyncio.new_event_loop()  # fetches run on it, one request at a time
         self.fetcher = Fetcher(limits)
 
-    def __call__(self, item: Item) -> Prepared | tuple[Item, APIError]:
+    def __call__(self, item: Item) -> Prepared | Failed:
         if item.error is not None:
-            return item, item.error
+            return Failed(item, item.error)
         try:
             chat = protocol.parse_request(item.body)
             grammar(chat)  # a malformed constraint: the server's 400
@@ -69,9 +79,9 @@ class Preparer:
             prompt = build_prompt(self.processor, chat, media, self.limits)
             return Prepared(item, chat, prompt, sampling_params(chat, len(prompt), self.context, self.limits))
         except APIError as e:
-            return item, e
+            return Failed(item, e)
         except SmolVLMError as e:
-            return item, APIError(str(e), 400)
+            return Failed(item, APIError(str(e), 400))
 
 
 def with_options(processor: Processor, options: dict) -> Processor:
@@ -98,8 +108,10 @@ def _start_worker(folder: str, limits: Limits, context: int, options: dict) -> N
     _worker = Preparer(Processor.from_pretrained(folder), limits, context, options)
 
 
-def _prepare_in_worker(item: Item):
-    return _worker(item)
+def _prepare_in_worker(item: Item) -> Prepared | Failed:
+    ready = _worker(item)
+    ready.worker_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return ready
 
 
 class Answers:
@@ -111,22 +123,23 @@ class Answers:
         self.tokens = 0  # generated
         self.rows = 0  # rows decoded, summed over steps (with steps: how full the batch was)
         self.steps = 0
+        self.worker_rss = 0  # peak RSS of the preparing worker processes (kB)
 
-    def add(self, ready: Prepared | tuple[Item, APIError]) -> dict | None:
-        """Queue a prepared request; an error line instead if it can't run."""
-        if not isinstance(ready, Prepared):
-            item, error = ready
-            return error_line(item.custom_id, item.line, error)
+    def add(self, ready: Prepared | Failed) -> tuple[Item, dict] | None:
+        """Queue a prepared request; (item, its error line) instead if it can't run."""
+        self.worker_rss = max(self.worker_rss, ready.worker_rss)
+        if isinstance(ready, Failed):
+            return ready.item, error_line(ready.item.custom_id, ready.item.line, ready.error)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         try:
             self.engine.add_request(ready.prompt, ready.params, request_id)
         except InputError as e:  # e.g. a constraint that doesn't compile
-            return error_line(ready.item.custom_id, ready.item.line, APIError(str(e), 400))
+            return ready.item, error_line(ready.item.custom_id, ready.item.line, APIError(str(e), 400))
         self.live[request_id] = (ready, [])
         return None
 
-    def step(self) -> list[dict]:
-        """One engine step; the result lines of the requests it finished."""
+    def step(self) -> list[tuple[Item, dict]]:
+        """One engine step; (item, result line) of the requests it finished."""
         self.rows += len(self.engine.running)
         self.steps += bool(self.engine.running)
         records = []
@@ -140,7 +153,7 @@ class Answers:
                 calls = tool_calls(ready.chat, text) if calls_tools(ready.chat) and out.finish_reason == "stop" else None
                 body = protocol.completion(out.request_id, self.model_name, text, out.finish_reason, out.prompt_tokens,
                                            out.completion_tokens, calls)
-                records.append(success_line(ready.item.custom_id, body))
+                records.append((ready.item, success_line(ready.item.custom_id, body)))
         return records
 
 
@@ -172,8 +185,8 @@ class Summary:
 
 
 def answer_stream(answers: Answers, items: Iterator[Item], submit: Callable, window: int,
-                  clock: Summary | None = None) -> Iterator[list[dict]]:
-    """Result lines (a list per engine step) for `items`, prepared by `submit(item) -> Future` at most `window` ahead
+                  clock: Summary | None = None) -> Iterator[list[tuple[Item, dict]]]:
+    """(item, result line) for each of `items` (a list per engine step), prepared by `submit(item) -> Future` at most `window` ahead
     of the engine: prepared requests not yet in a batch slot, plus those being prepared, never exceed it."""
     engine, pending, exhausted = answers.engine, set(), False
     while True:
@@ -224,8 +237,9 @@ def run(vlm, folder: str, items: Iterator[Item], journal: Journal, *, model_name
     start = time.perf_counter()
     try:
         with bar:
-            for records in answer_stream(answers, todo(), lambda item: pool.submit(_prepare_in_worker, item),
-                                         max_batch + 2 * workers, summary):
+            for finished in answer_stream(answers, todo(), lambda item: pool.submit(_prepare_in_worker, item),
+                                          max_batch + 2 * workers, summary):
+                records = [record for _, record in finished]
                 journal.write(records)
                 summary.done += len(records)
                 summary.failed += sum(r["error"] is not None for r in records)
@@ -240,5 +254,5 @@ def run(vlm, folder: str, items: Iterator[Item], journal: Journal, *, model_name
     summary.tokens = answers.tokens
     summary.batch_fill = answers.rows / max(answers.steps, 1) / max_batch
     summary.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    summary.peak_worker_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    summary.peak_worker_rss_mb = answers.worker_rss / 1024
     return summary
