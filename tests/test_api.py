@@ -184,3 +184,32 @@ def test_processor_options_per_call(vlm, tmp_path):
         default = vlm.processor.apply_chat_template(conversation, tokenize=True)["input_ids"].shape[1]
         result = vlm.complete(conversation, max_new_tokens=2, **options)
         assert result.prompt_tokens == expected != default, options
+
+
+def test_a_long_list_is_prepared_a_window_ahead_of_the_engine(vlm, monkeypatch):
+    """generate(list) prepares conversations (images decoded and split) at most PREPARE_AHEAD ahead of the engine,
+    not all before the first step; the answers are those of each conversation alone."""
+    import smolvlm.api
+    from smolvlm.generation import Engine
+
+    conversations = [user(f"Describe picture {i}.", picture(i, (60 + 7 * i, 90))) for i in range(24)]
+    log, steps, prepare, step = [], [], smolvlm.api.prepare, Engine.step
+
+    def counted_prepare(*args, **kwargs):
+        log.append((len(steps), len(vlm.engine.waiting) if vlm.engine is not None else 0))
+        return prepare(*args, **kwargs)
+
+    def counted_step(engine):
+        out = step(engine)
+        steps.append(len(engine.running))
+        assert all(r.prompt.pixel_values is None for r in engine.running)  # pixels are dropped once encoded
+        return out
+
+    monkeypatch.setattr(smolvlm.api, "prepare", counted_prepare)
+    monkeypatch.setattr(Engine, "step", counted_step)
+    answers = vlm.generate(conversations, max_new_tokens=6)
+    monkeypatch.undo()
+    before_first_step = sum(n == 0 for n, _ in log)
+    assert len(log) == 24 - smolvlm.api.PREPARE_AHEAD and before_first_step == 0  # (the first window: prepare_all)
+    assert max(waiting for _, waiting in log) < smolvlm.api.PREPARE_AHEAD and max(steps) == smolvlm.api.MAX_BATCH
+    assert answers == [vlm.generate(c, max_new_tokens=6) for c in conversations]
