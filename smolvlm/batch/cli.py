@@ -33,7 +33,7 @@ def add_run_batch(subparsers) -> None:
     p.add_argument("--served-model-name", help="the model name in the results (default: --model)")
     d = " (default: %(default)s)"
     p.add_argument("--max-batch", type=positive(int), default=16, help="requests decoded together" + d)
-    p.add_argument("--max-model-len", type=positive(int), default=4096,
+    p.add_argument("--max-model-len", type=positive(int), default=2048,
                    help="context of each batch slot, prompt + answer; longer requests fail" + d)
     p.add_argument("--workers", type=positive(int), default=max(1, min(8, (os.cpu_count() or 2) // 2)),
                    help="processes decoding and resizing images ahead of the engine" + d)

@@ -40,7 +40,7 @@ class SmolVLMPredictor:
 
     def __init__(self, model: str, prompt: str | None = None, fields: dict | None = None, dtype: str | None = None,
                  device: str | None = None, quantize: str | None = None, max_batch: int = 16,
-                 max_model_len: int = 4096, limits: Limits | None = None, options: dict | None = None,
+                 max_model_len: int = 2048, limits: Limits | None = None, options: dict | None = None,
                  model_name: str | None = None):
         from ..api import load
         from ..generation import Engine

@@ -110,8 +110,18 @@ def _start_worker(folder: str, limits: Limits, context: int, options: dict) -> N
 
 def _prepare_in_worker(item: Item) -> Prepared | Failed:
     ready = _worker(item)
-    ready.worker_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    ready.worker_rss = peak_rss_kb()
     return ready
+
+
+def peak_rss_kb() -> int:
+    """This process's peak resident memory. /proc's VmHWM is this process image's own; getrusage's ru_maxrss keeps
+    the parent's peak across fork and exec (a spawned worker would report the engine process's)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 class Answers:
@@ -253,6 +263,6 @@ def run(vlm, folder: str, items: Iterator[Item], journal: Journal, *, model_name
     summary.seconds = time.perf_counter() - start
     summary.tokens = answers.tokens
     summary.batch_fill = answers.rows / max(answers.steps, 1) / max_batch
-    summary.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    summary.peak_rss_mb = peak_rss_kb() / 1024
     summary.peak_worker_rss_mb = answers.worker_rss / 1024
     return summary
