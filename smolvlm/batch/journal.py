@@ -8,6 +8,7 @@ run again, so every input ends up in the file exactly once.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from collections.abc import Iterator
@@ -27,6 +28,11 @@ class Journal:
         parent = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(parent, exist_ok=True)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:  # one job per output file (the lock goes with the process, a killed one included)
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            raise InputError(f"{self.path}: another job is writing this output file") from None
         end = self._recover()
         os.ftruncate(self.fd, end)  # drop a torn last line (a kill mid-write)
 

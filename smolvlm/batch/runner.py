@@ -21,7 +21,8 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import torch
@@ -160,7 +161,8 @@ class Answers:
             if out.finished:
                 del self.live[out.request_id]
                 text = "".join(pieces)
-                calls = tool_calls(ready.chat, text) if calls_tools(ready.chat) and out.finish_reason == "stop" else None
+                tools = calls_tools(ready.chat) and out.finish_reason == "stop"
+                calls = tool_calls(ready.chat, text) if tools else None
                 body = protocol.completion(out.request_id, self.model_name, text, out.finish_reason, out.prompt_tokens,
                                            out.completion_tokens, calls)
                 records.append((ready.item, success_line(ready.item.custom_id, body)))
@@ -196,8 +198,9 @@ class Summary:
 
 def answer_stream(answers: Answers, items: Iterator[Item], submit: Callable, window: int,
                   clock: Summary | None = None) -> Iterator[list[tuple[Item, dict]]]:
-    """(item, result line) for each of `items` (a list per engine step), prepared by `submit(item) -> Future` at most `window` ahead
-    of the engine: prepared requests not yet in a batch slot, plus those being prepared, never exceed it."""
+    """(item, result line) for each of `items` (a list per engine step), prepared by `submit(item) -> Future` at
+    most `window` ahead of the engine: prepared requests not yet in a batch slot, plus those being prepared, never
+    exceed it."""
     engine, pending, exhausted = answers.engine, set(), False
     while True:
         while not exhausted and len(pending) + len(engine.waiting) < window:
@@ -258,6 +261,10 @@ def run(vlm, folder: str, items: Iterator[Item], journal: Journal, *, model_name
                     bar.set_postfix_str(f"{answers.tokens / elapsed:.1f} tok/s, {summary.failed} failed",
                                         refresh=False)
                     bar.update(len(records))
+    except BrokenProcessPool:
+        raise SmolVLMError("A worker process preparing inputs died (killed, out of memory, or crashed decoding a "
+                           f"file); the finished items are saved in {journal.path}: run the same command again to "
+                           "resume") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     summary.seconds = time.perf_counter() - start

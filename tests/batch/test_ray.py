@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import CONTEXT, MAX_IMAGE_PIXELS, NEW_TOKENS, answers, run_batch
+from batch_jobs import CONTEXT, MAX_IMAGE_PIXELS, NEW_TOKENS, answers, run_batch
 
 ray = pytest.importorskip("ray")  # the test extra installs it (smolvlm[ray])
 

@@ -12,7 +12,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import answers, popen_batch, results, run_batch
+from batch_jobs import answers, popen_batch, results, run_batch
 from openai.types import BatchError
 from openai.types.chat import ChatCompletion
 from openai.types.chat.completion_create_params import CompletionCreateParamsNonStreaming
@@ -128,3 +128,11 @@ def test_images_and_a_prompt_to_parquet_and_resume(tiny_v2, photos, tmp_path):
     assert pq.read_table(out).to_pylist() == table
     refused = run_batch(tiny_v2, "-i", str(out), "--prompt", "x", "-o", str(tmp_path / "x.jsonl"))
     assert refused.returncode == 1 and "--prompt: only for --images" in refused.stderr
+
+
+def test_one_job_per_output_file(tmp_path):
+    first = Journal(tmp_path / "out.jsonl")
+    with pytest.raises(Exception, match="another job is writing"):
+        Journal(tmp_path / "out.jsonl")
+    first.close()
+    Journal(tmp_path / "out.jsonl").close()
