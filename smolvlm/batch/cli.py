@@ -8,7 +8,7 @@ import sys
 
 from ..errors import InputError
 from ..serving.cli import positive
-from ..serving.limits import Limits
+from ..serving.limits import MiB, Limits
 
 DEFAULTS = Limits()
 MAX_EXIT = 100  # exit code = failed items, capped (exit codes wrap at 256)
@@ -45,6 +45,8 @@ def add_run_batch(subparsers) -> None:
     p.add_argument("--max-images", type=positive(int), default=DEFAULTS.max_images, help="images per request" + d)
     p.add_argument("--max-image-pixels", type=positive(int), default=DEFAULTS.max_image_pixels,
                    help="width x height of one image" + d)
+    p.add_argument("--max-media-mb", type=positive(float), default=DEFAULTS.max_media_bytes / MiB,
+                   help="size of one image or video file (or data: URL)" + d)
     p.add_argument("--allow-private-urls", action="store_true",
                    help="let requests fetch loopback, private and link-local http(s) addresses")
     p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
@@ -72,11 +74,12 @@ def short_form_fields(args) -> dict:
 
 def run_batch(args) -> int:
     from .. import hub
-    from .files import count_lines, media_requests, read_requests
+    from .files import count_lines, media_files, media_requests, read_requests
 
     fields = short_form_fields(args)
     limits = Limits(max_images=args.max_images, max_image_pixels=args.max_image_pixels, max_tokens=args.max_tokens,
-                    allow_private_urls=args.allow_private_urls, allow_file_urls=True)
+                    max_media_bytes=int(args.max_media_mb * MiB), allow_private_urls=args.allow_private_urls,
+                    allow_file_urls=True)
     options = dict(do_image_splitting=args.do_image_splitting, fps=args.fps, max_frames=args.max_frames)
     model_name = args.served_model_name or str(args.model)
     if args.ray is not None:
@@ -86,7 +89,7 @@ def run_batch(args) -> int:
     if args.input is not None:
         items, total = read_requests(args.input), count_lines(args.input)
     else:
-        items, total = media_requests(args.images, args.prompt, fields), None
+        items, total = media_requests(args.images, args.prompt, fields), sum(1 for _ in media_files(args.images))
     return run_local(args, items, total, limits, options, model_name, hub.resolve(args.model, args.revision))
 
 

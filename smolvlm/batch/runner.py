@@ -83,6 +83,9 @@ class Preparer:
             return Failed(item, e)
         except SmolVLMError as e:
             return Failed(item, APIError(str(e), 400))
+        except Exception as e:  # a bug, or a decoder failing in a way we don't know: this item fails, not the job
+            return Failed(item, APIError(f"Internal error preparing the request ({type(e).__name__}: {e})", 500, None,
+                                         None, "server_error"))
 
 
 def with_options(processor: Processor, options: dict) -> Processor:
