@@ -7,7 +7,6 @@ import os
 import sys
 
 from ..errors import InputError
-from ..serving.cli import positive
 from ..serving.limits import MiB, Limits
 
 DEFAULTS = Limits()
@@ -16,7 +15,7 @@ SHORT_FORM = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top
 
 
 def add_run_batch(subparsers) -> None:
-    from ..cli import media_options, model_options, sampling_options
+    from ..cli import media_options, model_options, positive, sampling_options
 
     p = subparsers.add_parser(
         "run-batch", help="answer a file of OpenAI Batch requests, or one prompt over many images (resumable)",
@@ -73,7 +72,6 @@ def short_form_fields(args) -> dict:
 
 
 def run_batch(args) -> int:
-    from .. import hub
     from .files import count_lines, media_files, media_requests, read_requests
 
     fields = short_form_fields(args)
@@ -90,10 +88,10 @@ def run_batch(args) -> int:
         items, total = read_requests(args.input), count_lines(args.input)
     else:
         items, total = media_requests(args.images, args.prompt, fields), sum(1 for _ in media_files(args.images))
-    return run_local(args, items, total, limits, options, model_name, hub.resolve(args.model, args.revision))
+    return run_local(args, items, total, limits, options, model_name)
 
 
-def run_local(args, items, total, limits, options, model_name, folder) -> int:
+def run_local(args, items, total, limits, options, model_name) -> int:
     from ..api import load
     from .files import write_parquet
     from .journal import Journal
@@ -102,8 +100,9 @@ def run_local(args, items, total, limits, options, model_name, folder) -> int:
     parquet = args.output.endswith(".parquet")
     journal = Journal(args.output + ".journal.jsonl" if parquet else args.output)
     try:
-        vlm = load(folder, dtype=args.dtype, device=args.device, quantize=args.quantize)
-        summary = run(vlm, folder, items, journal, model_name=model_name, limits=limits, context=args.max_model_len,
+        vlm = load(args.model, dtype=args.dtype, device=args.device, revision=args.revision, quantize=args.quantize,
+                   adapter=args.adapter)
+        summary = run(vlm, items, journal, model_name=model_name, limits=limits, context=args.max_model_len,
                       max_batch=args.max_batch, workers=args.workers, options=options, total=total)
         if parquet:
             write_parquet(journal.records(), args.output)

@@ -39,14 +39,16 @@ class SmolVLMPredictor:
     succeeded), and `response`, the row's OpenAI Batch output line as JSON text."""
 
     def __init__(self, model: str, prompt: str | None = None, fields: dict | None = None, dtype: str | None = None,
-                 device: str | None = None, quantize: str | None = None, max_batch: int = 16,
+                 device: str | None = None, quantize: str | None = None, adapter: str | None = None,
+                 revision: str | None = None, max_batch: int = 16,
                  max_model_len: int = 2048, limits: Limits | None = None, options: dict | None = None,
                  model_name: str | None = None):
         from ..api import load
         from ..generation import Engine
         from .runner import Answers, Preparer
 
-        self.vlm = load(model, dtype=dtype, device=device, quantize=quantize, progress=False)
+        self.vlm = load(model, dtype=dtype, device=device, revision=revision, quantize=quantize, adapter=adapter,
+                        progress=False)
         engine = Engine(self.vlm.model, self.vlm.processor, self.vlm.end_ids, max_batch=max_batch,
                         max_len=max_model_len)
         self.answers = Answers(engine, model_name or str(model))
@@ -129,8 +131,8 @@ def run_on_ray(args, fields: dict, limits: Limits, options: dict, model_name: st
         paths = [path for pattern in args.images for path in _expand(pattern)]
         ds = ray.data.read_binary_files(paths, include_paths=True)
     constructor = dict(model=args.model, prompt=args.prompt, fields=fields, dtype=args.dtype, device=args.device,
-                       quantize=args.quantize, max_batch=args.max_batch, max_model_len=args.max_model_len,
-                       limits=limits, options=options, model_name=model_name)
+                       quantize=args.quantize, adapter=args.adapter, revision=args.revision, max_batch=args.max_batch,
+                       max_model_len=args.max_model_len, limits=limits, options=options, model_name=model_name)
     ds = ds.map_batches(SmolVLMPredictor, fn_constructor_kwargs=constructor, concurrency=args.concurrency,
                         num_gpus=args.num_gpus or None, batch_size=ROWS_PER_CALL * args.max_batch,
                         batch_format="numpy").materialize()

@@ -106,10 +106,10 @@ def with_options(processor: Processor, options: dict) -> Processor:
 _worker: Preparer | None = None  # the Preparer of a worker process
 
 
-def _start_worker(folder: str, limits: Limits, context: int, options: dict) -> None:
+def _start_worker(processor: Processor, limits: Limits, context: int, options: dict) -> None:
     global _worker
     torch.set_num_threads(1)  # a worker decodes one image at a time; the engine's process has the cores
-    _worker = Preparer(Processor.from_pretrained(folder), limits, context, options)
+    _worker = Preparer(processor, limits, context, options)
 
 
 def _prepare_in_worker(item: Item) -> Prepared | Failed:
@@ -225,7 +225,7 @@ def answer_stream(answers: Answers, items: Iterator[Item], submit: Callable, win
         yield records
 
 
-def run(vlm, folder: str, items: Iterator[Item], journal: Journal, *, model_name: str, limits: Limits, context: int,
+def run(vlm, items: Iterator[Item], journal: Journal, *, model_name: str, limits: Limits, context: int,
         max_batch: int, workers: int, options: dict, total: int | None = None, progress: bool = True) -> Summary:
     """Answer every item not yet in the journal, appending its line as it finishes."""
     summary = Summary()
@@ -247,7 +247,7 @@ def run(vlm, folder: str, items: Iterator[Item], journal: Journal, *, model_name
     answers = Answers(engine, model_name)
     context_spawn = multiprocessing.get_context("spawn")  # fork would copy the engine's threads and memory
     pool = ProcessPoolExecutor(workers, mp_context=context_spawn, initializer=_start_worker,
-                               initargs=(str(folder), limits, engine.max_len, options))
+                               initargs=(vlm.processor, limits, engine.max_len, options))
     bar = tqdm(total=total, initial=len(journal.done), unit="item", file=sys.stderr, dynamic_ncols=True,
                disable=None if progress else True, desc="run-batch", smoothing=0.05)
     start = time.perf_counter()
