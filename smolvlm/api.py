@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 
 import torch
@@ -23,12 +23,14 @@ from . import hub
 from .adapters import adapter_base, is_adapter, merge_adapter
 from .hub import DEFAULT_MODEL
 from .errors import InputError, SmolVLMError
-from .generation import Engine, GenerationResult, SamplingParams, StepOutput, end_token_ids, prepare_all
+from .generation import (Engine, GenerationResult, Prompt, SamplingParams, StepOutput, end_token_ids, prepare,
+                         prepare_all)
 from .generation.constraints import Grammar
 from .model import Model
 from .processing import Processor
 
 MAX_BATCH = 16  # conversations decoded together; more wait in the engine's queue for a free slot
+PREPARE_AHEAD = 8  # conversations of a list prepared (images decoded and split) but not yet in a batch slot
 LEN_BLOCK = 256  # the KV cache length is rounded up to a multiple of this
 # Per-call settings that go to the processor rather than the sampler: video frame sampling, and image splitting
 # (off: one tile per image, far faster on a CPU, at some cost in detail) with the resize before it (size).
@@ -94,10 +96,12 @@ class SmolVLM:
     def complete(self, messages, **params) -> GenerationResult | list[GenerationResult]:
         """Like `generate`, with each answer's finish_reason ("stop"/"length"), token ids and token counts."""
         batch, single = _as_batch(messages)
-        engine, ids = self._start(batch, params)
+        started, fill = self._start(batch, params)
         results = []
-        for request_id in ids:  # all run together; reading one steps the others too
-            outputs = list(self._outputs(engine, request_id))
+        for i in range(len(batch)):  # all run together; reading one steps the others too
+            fill(i)
+            engine, request_id = started[i]
+            outputs = list(self._outputs(engine, request_id, fill))
             last = outputs[-1]
             results.append(GenerationResult(
                 request_id, "".join(o.text for o in outputs), [t for o in outputs for t in o.token_ids],
@@ -118,40 +122,72 @@ class SmolVLM:
         batch, single = _as_batch(messages)
         if not single:
             raise InputError("stream() takes one conversation; use generate() for a list of them")
-        engine, (request_id,) = self._start(batch, params)
+        ((engine, request_id),), fill = self._start(batch, params)
         try:
-            yield from self._outputs(engine, request_id)
+            yield from self._outputs(engine, request_id, fill)
         finally:
             if self.unread.pop(request_id, None) is not None:  # the caller stopped reading: free the slot
                 engine.abort(request_id)
 
-    def _start(self, batch: list, params: dict) -> tuple[Engine, list[str]]:
-        """Queue the conversations (all checked first) on an engine with room for them."""
+    def _start(self, batch: list, params: dict) -> tuple[list[tuple[Engine, str]], Callable[[int], None]]:
+        """Queue the conversations, preparing them (images decoded and split) at most PREPARE_AHEAD ahead of the
+        engine: the prepared pixels of a long list never pile up. Returns (engine, request id) per conversation,
+        filled in as they are queued, and the function that queues more (call it before each engine step). The
+        first PREPARE_AHEAD conversations are all checked before any is queued."""
         options = {k: params.pop(k) for k in PROCESSOR_OPTIONS if k in params}
         options = {k: v for k, v in options.items() if v is not None}  # None: the checkpoint's setting
         grammar = _grammar(params)  # pops json_schema / regex / choices
         sampling = SamplingParams(**params, grammar=grammar)
-        prompts = prepare_all(self.processor, batch, **options)
-        engine = self._engine(len(prompts), max(len(p) for p in prompts) + sampling.max_new_tokens)
-        ids = []
-        try:
-            for prompt in prompts:
-                ids.append(engine.add_request(prompt, sampling, request_id=uuid.uuid4().hex))
-                self.unread[ids[-1]] = []
-        except SmolVLMError:
-            for request_id in ids:
-                engine.abort(request_id)
-                del self.unread[request_id]
-            raise
-        return engine, ids
+        started: list[tuple[Engine, str]] = []
 
-    def _outputs(self, engine: Engine, request_id: str) -> Iterator[StepOutput]:
-        """`request_id`'s outputs until it finishes, stepping the engine when none are waiting."""
+        def queue(prompts: list[Prompt], engine: Engine | None) -> None:
+            for prompt in prompts:
+                need = len(prompt) + sampling.max_new_tokens
+                if engine is None or engine.max_len < min(need, self.model.config.text_config.max_position_embeddings):
+                    engine = self._engine(min(len(batch) - len(started), MAX_BATCH), need)
+                started.append((engine, engine.add_request(prompt, sampling, request_id=uuid.uuid4().hex)))
+                self.unread[started[-1][1]] = []
+
+        def fill(through: int = 0) -> None:
+            """Queue conversations while fewer than PREPARE_AHEAD wait for a slot, and at least up to `through`."""
+            engine = started[-1][0]
+            while len(started) < len(batch) and (len(started) <= through or len(engine.waiting) < PREPARE_AHEAD):
+                try:
+                    queue([prepare(self.processor, batch[len(started)], **options)], engine)
+                except SmolVLMError:
+                    self._abort(started)
+                    raise
+                engine = started[-1][0]
+
+        first = prepare_all(self.processor, batch[:PREPARE_AHEAD], **options)
+        try:
+            queue(first[:1], self._engine(min(len(batch), MAX_BATCH),
+                                          max(len(p) for p in first) + sampling.max_new_tokens))
+            queue(first[1:], started[0][0])
+        except SmolVLMError:
+            self._abort(started)
+            raise
+        return started, fill
+
+    def _abort(self, started: list[tuple[Engine, str]]) -> None:
+        """Drop these requests (queued by a call that then failed) and let their engines forget them."""
+        for engine, request_id in started:
+            engine.abort(request_id)
+            del self.unread[request_id]
+        for engine in {id(e): e for e, _ in started}.values():
+            self._step(engine)
+
+    def _step(self, engine: Engine) -> None:
+        for out in engine.step():
+            if out.request_id in self.unread:
+                self.unread[out.request_id].append(out)
+
+    def _outputs(self, engine: Engine, request_id: str, fill: Callable[[int], None]) -> Iterator[StepOutput]:
+        """`request_id`'s outputs until it finishes, stepping the engine (after `fill`) when none are waiting."""
         while True:
             while not self.unread[request_id]:
-                for out in engine.step():
-                    if out.request_id in self.unread:
-                        self.unread[out.request_id].append(out)
+                fill()
+                self._step(engine)
             out = self.unread[request_id].pop(0)
             if out.finished:
                 del self.unread[request_id]

@@ -25,6 +25,7 @@ COMMANDS = [
     "smolvlm.chat_cli:add_chat",
     "smolvlm.serving.cli:add_serve",
     "smolvlm.training.cli:add_finetune",
+    "smolvlm.batch.cli:add_run_batch",
 ]
 
 def model_options(parser: argparse.ArgumentParser) -> None:

@@ -184,3 +184,42 @@ def test_processor_options_per_call(vlm, tmp_path):
         default = vlm.processor.apply_chat_template(conversation, tokenize=True)["input_ids"].shape[1]
         result = vlm.complete(conversation, max_new_tokens=2, **options)
         assert result.prompt_tokens == expected != default, options
+
+
+def test_a_long_list_is_prepared_a_window_ahead_of_the_engine(vlm, monkeypatch):
+    """generate(list) prepares conversations (images decoded and split) at most PREPARE_AHEAD ahead of the engine,
+    not all before the first step; the answers are those of each conversation alone."""
+    import smolvlm.api
+    from smolvlm.generation import Engine
+
+    conversations = [user(f"Describe picture {i}.", picture(i, (60 + 7 * i, 90))) for i in range(20)]
+    log, steps, prepare, step = [], [], smolvlm.api.prepare, Engine.step
+
+    def counted_prepare(*args, **kwargs):
+        log.append((len(steps), len(vlm.engine.waiting) if vlm.engine is not None else 0))
+        return prepare(*args, **kwargs)
+
+    def counted_step(engine):
+        out = step(engine)
+        steps.append(len(engine.running))
+        assert all(r.prompt.pixel_values is None for r in engine.running)  # pixels are dropped once encoded
+        return out
+
+    monkeypatch.setattr(smolvlm.api, "prepare", counted_prepare)
+    monkeypatch.setattr(Engine, "step", counted_step)
+    answers = vlm.generate(conversations, max_new_tokens=4)
+    monkeypatch.undo()
+    before_first_step = sum(n == 0 for n, _ in log)
+    assert len(log) == 20 - smolvlm.api.PREPARE_AHEAD and before_first_step == 0  # (the first window: prepare_all)
+    assert max(waiting for _, waiting in log) < smolvlm.api.PREPARE_AHEAD and max(steps) == smolvlm.api.MAX_BATCH
+    assert answers == [vlm.generate(c, max_new_tokens=4) for c in conversations]
+
+
+def test_a_later_longer_conversation_gets_room(vlm, tiny_v2):
+    """The engine is sized from the first window; a longer conversation after it gets an engine with room."""
+    fresh = smolvlm.load(tiny_v2, progress=False)
+    short = [user(f"Say {i}.") for i in range(smolvlm.api.PREPARE_AHEAD + 2)]
+    batch = short + [user("Tell me everything about this. " * 60)]
+    answers = fresh.complete(batch, max_new_tokens=N)
+    assert fresh.engine.max_len == 256 and answers[-1].prompt_tokens + N > 256  # it didn't fit the first engine
+    assert [a.text for a in answers] == [vlm.generate(c, max_new_tokens=N) for c in batch]

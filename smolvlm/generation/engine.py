@@ -202,16 +202,26 @@ class Engine:
 
     def generate(self, batch: list, params: SamplingParams | list | None = None) -> list[GenerationResult]:
         """Run conversations (or Prompts) to the end as one batch, with one SamplingParams or one per conversation;
-        results in the order given.
+        results in the order given. A bad conversation raises InputError and drops the whole batch.
         Meant for offline use: outputs of requests added by others meanwhile are dropped."""
         params = params if isinstance(params, list) else [params] * len(batch)
         if len(params) != len(batch):
             raise InputError(f"Got {len(params)} sampling parameters for {len(batch)} conversations")
-        prompts = prepare_all(self.processor, batch)
-        requests = [self._request(item, p) for item, p in zip(prompts, params)]  # all checked before any is queued
+        # The first max_batch are checked before any is queued; the rest are prepared as slots free up (at most
+        # max_batch ahead), so their pixels never pile up.
+        requests = [self._request(item, p) for item, p in zip(batch[: self.max_batch], params)]
         self._queue(requests)
-        while any(r.finish_reason is None for r in requests):
-            self.step()
+        try:
+            while len(requests) < len(batch) or any(r.finish_reason is None for r in requests):
+                while len(requests) < len(batch) and len(self.waiting) < self.max_batch:
+                    requests.append(self._request(batch[len(requests)], params[len(requests)]))
+                    self._queue(requests[-1:])
+                self.step()
+        except InputError:
+            for r in requests:
+                self.abort(r.id)
+            self.step()  # drops them
+            raise
         return [r.result() for r in requests]
 
     # ---- internals ----
@@ -280,6 +290,8 @@ class Engine:
             ids[i, : lengths[i]] = r.prompt.input_ids
         ids = ids.to(self.device)
         embeds = self.model.embed(ids, self._image_features(new))  # [k, T, D]
+        for r in new:  # the image features are in `embeds` now: don't hold the pixels for the request's lifetime
+            r.prompt = Prompt(r.prompt.input_ids)
         t = ids.shape[1]
         positions = torch.arange(t, device=self.device).expand(k, t)
         causal = torch.ones(t, t, dtype=torch.bool, device=self.device).tril()[None, None]  # [1, 1, T, T]
