@@ -156,7 +156,7 @@ def check_files(option: str, sources: list[str]) -> None:
     fetched later."""
     for source in sources:
         if "://" not in source and not source.startswith("data:") and not Path(source).is_file():
-            raise InputError(f"{option} {source}: no such file")
+            raise InputError(f"{option} {source}: file not found")
 
 
 def messages(text: str, images: list[str] = (), videos: list[str] = (), system: str | None = None) -> list[dict]:

@@ -47,7 +47,7 @@ def test_cheap_errors_come_before_the_model_loads(tmp_path):
     missing_model = tmp_path / "no-model"  # loading would fail on it: these errors must come first
     started = time.perf_counter()
     one_error_line(run("generate", "-m", missing_model, "-i", tmp_path / "gone.png", "hi"), "--image", "gone.png",
-                   "no such file")
+                   "file not found")
     one_error_line(run("generate", "-m", missing_model, "--top-p", "3", "hi"), "top_p")
     assert time.perf_counter() - started < 30
     usage = run("generate", "--fps", "0", "hi")
