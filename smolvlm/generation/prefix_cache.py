@@ -1,0 +1,83 @@
+"""KV prefix cache: the keys and values of earlier requests' prompts (and answers), in hashed blocks, LRU under a
+byte budget.
+
+A sequence is cut into blocks of BLOCK tokens; block i's key hashes block i-1's key, its token ids and the content
+keys (feature_cache.frame_keys) of the image frames its `<image>` tokens show, so a key names the whole prefix up to
+the block's end, images included: all `<image>` ids look alike, their pictures don't. A block holds the K and V of
+its tokens in every layer, [2, n_layers, n_kv_heads, BLOCK, head_dim] in the engine's cache dtype, copied out of a
+cache row when a request's prefill ends (its prompt) and when it leaves (prompt + answer), and copied back into the
+row of a new request whose sequence starts with the same blocks. On a CPU the copy is a memcpy (a 900-token prefix of
+SmolVLM2-256M, ~40 MB in fp32, takes a few ms) against the seconds its prefill costs, so the slot layout the C++
+decode step reads stays as it is (no paged attention).
+
+Copies make eviction and concurrency simple: a request owns its row and never points into the store, so evicting a
+block never touches a running request. Lookups refresh a prefix from its deepest block to its first, so the first
+blocks of a prefix are the last to go (a prefix loses its tail first, never its head).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from ..model.kv_cache import KVCache
+from .feature_cache import LRU
+
+BLOCK = 32  # tokens per block: hashing and copying cost per block, and a prefix is reused to a block boundary
+
+
+def extend_keys(keys: list[bytes], ids: torch.Tensor, frame_of: torch.Tensor | None, frames: list[bytes] | None,
+                n_tokens: int) -> list[bytes]:
+    """Append to `keys` the keys of the full blocks of `ids` [T] up to `n_tokens` tokens; returns `keys`.
+    frame_of [T_prompt]: the frame index each prompt token shows (-1: text), `frames` the frames' content keys."""
+    data = ids.numpy()
+    for i in range(len(keys), n_tokens // BLOCK):
+        a, b = i * BLOCK, (i + 1) * BLOCK
+        h = hashlib.blake2b(keys[-1] if keys else b"", digest_size=16)
+        h.update(data[a:b].tobytes())
+        if frame_of is not None:
+            shown = frame_of[a:b]
+            for f in torch.unique_consecutive(shown[shown >= 0]).tolist():
+                h.update(frames[f])
+        keys.append(h.digest())
+    return keys
+
+
+class PrefixCache:
+    def __init__(self, max_bytes: int):
+        self.blocks = LRU(max_bytes)
+        self.queried = self.reused = 0  # prompt tokens looked up / found (tokens, not blocks)
+
+    def load(self, keys: list[bytes], cache: KVCache, row: int, limit: int) -> int:
+        """Copy the longest stored prefix of the blocks `keys` (at most `limit` tokens) into positions 0.. of `row`
+        of `cache`; returns its length in tokens."""
+        with self.blocks.lock:
+            found = []
+            for key in keys[: limit // BLOCK]:
+                block = self.blocks.entries.get(key)
+                if block is None:
+                    break
+                found.append(block)
+            for key in reversed(keys[: len(found)]):
+                self.blocks.entries.move_to_end(key)
+        n = len(found) * BLOCK
+        if found:
+            k = torch.cat(found, dim=3)  # [2, L, H_kv, n, Dh]
+            cache.k[:, row, :, :n] = k[0]
+            cache.v[:, row, :, :n] = k[1]
+        self.queried += limit
+        self.reused += n
+        return n
+
+    def store(self, keys: list[bytes], cache: KVCache, row: int) -> None:
+        """Keep the blocks `keys` (positions 0..len(keys) * BLOCK of `row`) that are not stored yet."""
+        for i, key in enumerate(keys):
+            if key not in self.blocks.entries:
+                a, b = i * BLOCK, (i + 1) * BLOCK
+                self.blocks.put(key, torch.stack([cache.k[:, row, :, a:b], cache.v[:, row, :, a:b]]))
+        self.blocks.touch(reversed(keys))
+
+    def snapshot(self) -> dict:
+        return {**self.blocks.snapshot(), "block_tokens": BLOCK, "queried_tokens": self.queried,
+                "reused_tokens": self.reused}
