@@ -4,32 +4,19 @@ after a cached prefix equal a full forward pass; images are part of a prefix's i
 
 import pytest
 import torch
-from conftest import IMAGE_BLOCK, Tiny
 
 from smolvlm.generation import Caches, Engine, Prompt, SamplingParams
 from smolvlm.generation.prefix_cache import BLOCK
 from smolvlm.generation.sampling import Sampler
-from smolvlm.model.vlm import Model
 
 N = 12
 GREEDY = SamplingParams(max_new_tokens=N)
 
 
-class Variant(Tiny):
-    """The tiny checkpoint in another dtype, fused (bf16: the C++ prefill and decode kernels where they run)."""
-
-    def __init__(self, folder, dtype):
-        super().__init__(folder)
-        self.model = Model.from_pretrained(folder, dtype=dtype, fuse=dtype != "float32")
-
-    def engine(self, max_batch=4, max_len=1024, caches=None, prefill_chunk=128) -> Engine:
-        engine = super().engine(max_batch, max_len)
-        return Engine(engine.model, engine.processor, engine.end_ids, max_batch, max_len, caches, prefill_chunk)
-
-
-@pytest.fixture(scope="module", params=["float32", "bfloat16"])
-def tiny(request, tiny_v2):
-    return Variant(tiny_v2, request.param)
+@pytest.fixture(params=["v2", "v2_bf16"])
+def tiny(request):
+    """The tiny checkpoint in fp32, and in bf16 fused (the C++ prefill and decode kernels where they run)."""
+    return request.getfixturevalue(request.param)
 
 
 def turn(tiny, prompt: Prompt, answer: list[int], text: str) -> Prompt:
@@ -37,12 +24,6 @@ def turn(tiny, prompt: Prompt, answer: list[int], text: str) -> Prompt:
     more = tiny.tokenizer.encode(f"\nUser:{text}<end_of_utterance>\nAssistant:", add_special_tokens=False).ids
     ids = torch.cat([prompt.input_ids, torch.tensor(answer + more)])
     return Prompt(ids, prompt.pixel_values, prompt.pixel_attention_mask)
-
-
-def image_prompt(tiny, text, pixels):
-    """A prompt showing the frames `pixels` [I, 3, 64, 64] before `text`."""
-    ids = tiny.tokenizer.encode(f"<|im_start|>User:{IMAGE_BLOCK * len(pixels)}{text}<end_of_utterance>\nAssistant:").ids
-    return Prompt(torch.tensor(ids), pixels, torch.ones(len(pixels), 64, 64, dtype=torch.long))
 
 
 def results(engine, prompts, params=GREEDY):
@@ -69,7 +50,7 @@ def test_one_batch_of_questions_about_one_image_encodes_and_prefills_it_once(tin
     g = torch.Generator().manual_seed(3)
     pixels = torch.rand(8, 3, 64, 64, generator=g) * 2 - 1  # 8 frames: 8 x 19 tokens, several blocks
     questions = ["Describe it.", "How many cats?", "What colour?", "Is it day?", "Where?"]
-    prompts = [image_prompt(tiny, q, pixels) for q in questions] + [tiny.prompt("Unrelated text")]
+    prompts = [tiny.prompt(q, pixels=pixels) for q in questions] + [tiny.prompt("Unrelated text")]
     ours = results(tiny.engine(max_batch=8, caches=caches), prompts)
     assert [r.token_ids for r in ours] == [r.token_ids for r in results(tiny.engine(max_batch=8), prompts)]
     assert caches.features.misses == 8  # the 8 distinct frames, once
@@ -139,8 +120,7 @@ class Recorder(Sampler):
         return super().__call__(logits, start)
 
 
-def test_logits_after_a_cached_prefix_equal_a_full_forward(tiny_v2):
-    v2 = Variant(tiny_v2, "float32")
+def test_logits_after_a_cached_prefix_equal_a_full_forward(v2):
     engine = v2.engine(caches=Caches(64))
     first = v2.prompt("Tell me about them.", n_images=4, seed=7)
     answer = engine.generate([first], GREEDY)[0].token_ids
