@@ -128,10 +128,10 @@ def end_token_ids(folder: str | Path, tokenizer) -> list[int]:
 
 class Engine:
     """`caches`: the prefix and image-feature caches to use and fill (None: none). `prefill_chunk`: prompt tokens
-    prefilled per step while other requests are decoding (scheduler.py)."""
+    prefilled per step while other requests are decoding (scheduler.py; None: whole prompts at once)."""
 
     def __init__(self, model, processor, end_ids: list[int], max_batch: int = 8, max_len: int = 4096,
-                 caches: Caches | None = None, prefill_chunk: int = PREFILL_CHUNK):
+                 caches: Caches | None = None, prefill_chunk: int | None = PREFILL_CHUNK):
         self.model, self.processor = model, processor
         self.end_ids = frozenset(end_ids)
         param = next(model.parameters())

@@ -20,11 +20,11 @@ def frame_keys(pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor) -
     """One 16-byte content hash per frame of `pixel_values` [I, 3, H, W] with its mask [I, H, W]."""
     pixels, masks = pixel_values.contiguous().cpu().numpy(), pixel_attention_mask.contiguous().cpu().numpy()
     keys = []
-    for frame, mask in zip(pixels, masks):  # hashing reads the bytes in place (no copy): ~1 ms per 512px tile
-        h = hashlib.blake2b(f"{frame.shape}{frame.dtype}{mask.dtype}".encode(), digest_size=16)
+    for frame, mask in zip(pixels, masks):  # reads the bytes in place; SHA-256 has CPU instructions (~1 GB/s)
+        h = hashlib.sha256(f"{frame.shape}{frame.dtype}{mask.dtype}".encode())
         h.update(frame)
         h.update(mask)
-        keys.append(h.digest())
+        keys.append(h.digest()[:16])
     return keys
 
 

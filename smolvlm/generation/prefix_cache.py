@@ -18,6 +18,7 @@ blocks of a prefix are the last to go (a prefix loses its tail first, never its 
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 
 import torch
 
@@ -34,14 +35,27 @@ def extend_keys(keys: list[bytes], ids: torch.Tensor, frame_of: torch.Tensor | N
     data = ids.numpy()
     for i in range(len(keys), n_tokens // BLOCK):
         a, b = i * BLOCK, (i + 1) * BLOCK
-        h = hashlib.blake2b(keys[-1] if keys else b"", digest_size=16)
+        h = hashlib.sha256(keys[-1] if keys else b"")
         h.update(data[a:b].tobytes())
         if frame_of is not None:
             shown = frame_of[a:b]
             for f in torch.unique_consecutive(shown[shown >= 0]).tolist():
                 h.update(frames[f])
-        keys.append(h.digest())
+        keys.append(h.digest()[:16])
     return keys
+
+
+@contextmanager
+def one_thread():
+    """Run the block copies on one thread. They are memory-bound copies of 8 KB runs (one per layer and head), which a
+    second thread doesn't speed up, and with the cores shared OpenMP's barriers made a 40 MB prefix take 1-2 s to copy
+    on 2 threads against 20-40 ms on one (docs/architecture.md)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class PrefixCache:
@@ -61,21 +75,22 @@ class PrefixCache:
                 found.append(block)
             for key in reversed(keys[: len(found)]):
                 self.blocks.entries.move_to_end(key)
+        with one_thread():
+            for i, block in enumerate(found):  # [2, L, H_kv, BLOCK, Dh]
+                cache.k[:, row, :, i * BLOCK : (i + 1) * BLOCK] = block[0]
+                cache.v[:, row, :, i * BLOCK : (i + 1) * BLOCK] = block[1]
         n = len(found) * BLOCK
-        if found:
-            k = torch.cat(found, dim=3)  # [2, L, H_kv, n, Dh]
-            cache.k[:, row, :, :n] = k[0]
-            cache.v[:, row, :, :n] = k[1]
         self.queried += limit
         self.reused += n
         return n
 
     def store(self, keys: list[bytes], cache: KVCache, row: int) -> None:
         """Keep the blocks `keys` (positions 0..len(keys) * BLOCK of `row`) that are not stored yet."""
-        for i, key in enumerate(keys):
-            if key not in self.blocks.entries:
-                a, b = i * BLOCK, (i + 1) * BLOCK
-                self.blocks.put(key, torch.stack([cache.k[:, row, :, a:b], cache.v[:, row, :, a:b]]))
+        with one_thread():
+            for i, key in enumerate(keys):
+                if key not in self.blocks.entries:
+                    a, b = i * BLOCK, (i + 1) * BLOCK
+                    self.blocks.put(key, torch.stack([cache.k[:, row, :, a:b], cache.v[:, row, :, a:b]]))
         self.blocks.touch(reversed(keys))
 
     def snapshot(self) -> dict:

@@ -9,7 +9,7 @@ Chunked prefill. While requests are decoding, one step prefills at most `prefill
 most FRAMES_PER_STEP image frames that no cache holds (a 512px tile takes about as long as 128 prompt tokens on a
 CPU), so a long prompt (many tiles, a video) joins the batch over several steps and the running streams keep getting
 a token per step. With nothing decoding, the whole prompts are prefilled in one step, their frames in one vision
-batch: chunks would only add steps.
+batch: chunks would only add steps. prefill_chunk=None turns chunking off.
 """
 
 from __future__ import annotations
@@ -60,9 +60,9 @@ class Request:
 class Scheduler:
     """The waiting queue and aborts (any thread, under `lock`) and the per-step prefill plan (the loop thread)."""
 
-    def __init__(self, prefill_chunk: int):
-        if not (isinstance(prefill_chunk, int) and prefill_chunk >= 1):
-            raise InputError(f"prefill_chunk={prefill_chunk!r}: expected an integer >= 1 (tokens per step)")
+    def __init__(self, prefill_chunk: int | None):
+        if prefill_chunk is not None and not (isinstance(prefill_chunk, int) and prefill_chunk >= 1):
+            raise InputError(f"prefill_chunk={prefill_chunk!r}: expected an integer >= 1 (tokens per step) or None")
         self.prefill_chunk = prefill_chunk
         self.waiting: deque[Request] = deque()
         self.aborted: set[str] = set()
@@ -110,7 +110,7 @@ class Scheduler:
         """Where this step's prefill of each of the first len(result) `prefilling` requests ends (a prompt
         position); `ready(request, frame)` says whether a frame's features are at hand. Every request but the last
         planned one is prefilled to its end, so the finished ones come first."""
-        if not chunked:
+        if not chunked or self.prefill_chunk is None:
             return [len(r.prompt) for r in prefilling]
         tokens, frames, ends = self.prefill_chunk, FRAMES_PER_STEP, []
         for r in prefilling:
