@@ -311,7 +311,7 @@ class Engine:
             r.decoding, r.features = True, []
             self.sampler.set(r.slot, r.params, r.prompt.input_ids)
             if self.caches is not None:
-                self.caches.prefix.store(r.keys, self.cache, r.slot)
+                self.caches.prefix.store(r.keys, self.cache, r.slot, self.model.dtype)
         tokens = self.sampler(self._logits(self.model.lm_head(hidden), done), start=start)
         self.last[start : start + m] = tokens
         self.pos[start : start + m] = torch.tensor([r.length for r in done], device=self.device)
@@ -382,8 +382,8 @@ class Engine:
         for r in sorted(requests, key=lambda r: r.slot, reverse=True):
             if self.caches is not None and r.length >= BLOCK:
                 sequence = torch.cat([r.prompt.input_ids, torch.tensor(r.output_ids, dtype=torch.long)])
-                self.caches.prefix.store(extend_keys(r.keys, sequence, r.frame_of, r.frames, r.length)[
-                    : r.length // BLOCK], self.cache, r.slot)
+                keys = extend_keys(r.keys, sequence, r.frame_of, r.frames, r.length)
+                self.caches.prefix.store(keys[: r.length // BLOCK], self.cache, r.slot, self.model.dtype)
             hole = r.slot
             if r.decoding:  # the last decoding row fills the hole, the last row fills its place
                 self.decoding -= 1

@@ -4,7 +4,8 @@ byte budget.
 A sequence is cut into blocks of BLOCK tokens; block i's key hashes block i-1's key, its token ids and the content
 keys (feature_cache.frame_keys) of the image frames its `<image>` tokens show, so a key names the whole prefix up to
 the block's end, images included: all `<image>` ids look alike, their pictures don't. A block holds the K and V of
-its tokens in every layer, [2, n_layers, n_kv_heads, BLOCK, head_dim] in the engine's cache dtype, copied out of a
+its tokens in every layer, [2, n_layers, n_kv_heads, BLOCK, head_dim] in the model's dtype (a bf16 model's keys and
+values are bf16 numbers even in the CPU's fp32 cache, so bf16 blocks are exact at half the bytes), copied out of a
 cache row when a request's prefill ends (its prompt) and when it leaves (prompt + answer), and copied back into the
 row of a new request whose sequence starts with the same blocks. On a CPU the copy is a memcpy (a 900-token prefix of
 SmolVLM2-256M, ~40 MB in fp32, takes a few ms) against the seconds its prefill costs, so the slot layout the C++
@@ -84,13 +85,14 @@ class PrefixCache:
         self.reused += n
         return n
 
-    def store(self, keys: list[bytes], cache: KVCache, row: int) -> None:
-        """Keep the blocks `keys` (positions 0..len(keys) * BLOCK of `row`) that are not stored yet."""
+    def store(self, keys: list[bytes], cache: KVCache, row: int, dtype: torch.dtype) -> None:
+        """Keep the blocks `keys` (positions 0..len(keys) * BLOCK of `row`) that are not stored yet, in `dtype` (one
+        that holds the cache's values exactly)."""
         with one_thread():
             for i, key in enumerate(keys):
                 if key not in self.blocks.entries:
                     a, b = i * BLOCK, (i + 1) * BLOCK
-                    self.blocks.put(key, torch.stack([cache.k[:, row, :, a:b], cache.v[:, row, :, a:b]]))
+                    self.blocks.put(key, torch.stack([cache.k[:, row, :, a:b], cache.v[:, row, :, a:b]]).to(dtype))
         self.blocks.touch(reversed(keys))
 
     def snapshot(self) -> dict:

@@ -104,7 +104,7 @@ class Worker:
                     return
                 self.wake.wait()
                 continue
-            decoding = len(self.engine.running)  # the rows this step decodes (this thread alone changes them)
+            decoding = self.engine.decoding  # the rows this step decodes (this thread alone changes them)
             try:
                 outputs = self.engine.step()
             except Exception as e:  # a bug or out of memory: fail this batch, keep serving with a fresh engine

@@ -96,7 +96,7 @@ def test_same_image_with_other_text_after_it(tiny):
 
 
 def test_eviction_under_a_tiny_budget_keeps_outputs_and_bounds_memory(tiny):
-    block_bytes = 2 * tiny.engine().cache.k[:, 0, :, :BLOCK].numel() * 4
+    block_bytes = 2 * tiny.engine().cache.k[:, 0, :, :BLOCK].numel() * tiny.model.dtype.itemsize
     caches = Caches(10 * block_bytes / (1 << 20) * 8 / 7)  # ~10 KV blocks
     engine, plain = tiny.engine(caches=caches), tiny.engine()
     prompts = [tiny.prompt(f"Question {i} about these.", n_images=3 + i % 2, seed=i % 3) for i in range(6)]
@@ -106,6 +106,22 @@ def test_eviction_under_a_tiny_budget_keeps_outputs_and_bounds_memory(tiny):
     assert results(engine, prompts[:4]) and caches.prefix.blocks.evictions > 0
     assert caches.prefix.blocks.bytes <= caches.prefix.blocks.max_bytes
     assert caches.features.bytes <= caches.features.max_bytes
+
+
+def test_a_cached_prefix_is_the_keys_and_values_a_prefill_writes_bit_for_bit(tiny):
+    """Blocks are stored in the model's dtype (bf16: half the bytes of the fp32 cache), losslessly."""
+    caches = Caches(64)
+    engine, plain = tiny.engine(caches=caches), tiny.engine()
+    prompt = tiny.prompt("Look closely at these.", n_images=4, seed=8)
+    results(engine, [prompt], SamplingParams(max_new_tokens=1))
+    assert {b.dtype for b in caches.prefix.blocks.entries.values()} == {tiny.model.dtype}
+    for e in (engine, plain):
+        e.add_request(prompt, GREEDY)
+        e.step()  # admitted and prefilled: row 0
+    n = engine.running[0].cached
+    assert n == (len(prompt) - 1) // BLOCK * BLOCK > 0
+    assert torch.equal(engine.cache.k[:, 0, :, :n], plain.cache.k[:, 0, :, :n])
+    assert torch.equal(engine.cache.v[:, 0, :, :n], plain.cache.v[:, 0, :, :n])
 
 
 class Recorder(Sampler):
