@@ -38,7 +38,7 @@ from ..model.kv_cache import KVCache
 from .caches import Caches
 from .constraints import grammars_for
 from .detokenizer import Detokenizer
-from .feature_cache import frame_keys
+from .feature_cache import chunk_features, frame_keys, ready
 from .prefix_cache import BLOCK, extend_keys
 from .sampling import Sampler, SamplingParams
 from .scheduler import Request, Scheduler
@@ -279,11 +279,12 @@ class Engine:
         """Prefill this step's chunks (rows start..start+k-1); sample the first token of those now complete."""
         start = self.decoding
         prefilling = self.running[start:]
-        ends = self.scheduler.plan(prefilling, start > 0, self._ready) if prefilling else []
+        cached = self.caches.features if self.caches is not None else None
+        ends = self.scheduler.plan(prefilling, start > 0, lambda r, f: ready(r, f, cached)) if prefilling else []
         if not ends:
             return []
         chunks = list(zip(prefilling, ends))
-        features = self._chunk_features(chunks)
+        features = chunk_features(self.model, cached, chunks)  # [image tokens of the chunks, D]
         k, begins = len(chunks), [r.length for r, _ in chunks]
         t = max(end - begin for begin, end in zip(begins, ends))
         ids = torch.full((k, t), self.processor.pad_token_id, dtype=torch.long)
@@ -317,47 +318,6 @@ class Engine:
         self.pos[start : start + m] = torch.tensor([r.length for r in done], device=self.device)
         self.decoding += m
         return self._emit(done, tokens)
-
-    def _ready(self, r: Request, frame: int) -> bool:
-        """Whether frame `frame` of `r` needs no vision pass (encoded already, or in the feature cache)."""
-        if r.features[frame] is not None:
-            return True
-        return self.caches is not None and r.frames[frame] in self.caches.features.entries
-
-    def _chunk_features(self, chunks: list[tuple[Request, int]]) -> torch.Tensor | None:
-        """Features [n, D] of the image tokens of the chunks, in order: each frame shown comes from the request,
-        the feature cache, or one vision batch of the distinct frames still missing."""
-        missing: dict = {}  # frame key -> [(request, frame)] that show it
-        for r, end in chunks:
-            for f in r.shows(r.length, end):
-                if r.features[f] is not None:
-                    continue
-                key = (id(r), f) if r.frames is None else r.frames[f]
-                r.features[f] = None if r.frames is None else self.caches.features.get(key)
-                if r.features[f] is None:
-                    missing.setdefault(key, []).append((r, f))
-        if missing:
-            shown = [users[0] for users in missing.values()]
-            pixels = torch.stack([r.prompt.pixel_values[f] for r, f in shown])[None].to(self.device)  # [1, m, 3, S, S]
-            masks = torch.stack([r.prompt.pixel_attention_mask[f] for r, f in shown])[None].to(self.device)
-            encoded = self.model.get_image_features(pixels, masks)  # [m * N, D]
-            per_frame = encoded.view(len(shown), -1, encoded.shape[-1]).unbind(0)
-            if per_frame[0].shape[0] != self.model.config.image_seq_len:
-                raise InputError("An image frame is all zeros (batch padding): the model drops it")
-            for (key, users), features in zip(missing.items(), per_frame):
-                if isinstance(key, bytes):
-                    self.caches.features.put(key, features.clone())  # its own storage: evicted alone
-                for r, f in users:
-                    r.features[f] = features
-        n, parts = self.model.config.image_seq_len, []
-        for r, end in chunks:
-            if r.frame_of is None:
-                continue
-            a, b = int(r.images_before[r.length]), int(r.images_before[end])
-            if b > a:  # image tokens a..b-1 of the prompt: frames a // n .. (b - 1) // n
-                first = a // n
-                parts.append(torch.cat(r.features[first : (b - 1) // n + 1])[a - first * n : b - first * n])
-        return torch.cat(parts) if parts else None
 
     def _emit(self, requests: list[Request], tokens: torch.Tensor) -> list[StepOutput]:
         """Book the sampled tokens (the step's one host sync), detokenize, check the stop conditions."""

@@ -5,9 +5,9 @@ after a cached prefix equal a full forward pass; images are part of a prefix's i
 import pytest
 import torch
 
-from smolvlm.generation import Caches, Engine, Prompt, SamplingParams
+from smolvlm.generation import Caches, Prompt, SamplingParams
 from smolvlm.generation.prefix_cache import BLOCK
-from smolvlm.generation.sampling import Sampler
+from tiny import Recorder
 
 N = 12
 GREEDY = SamplingParams(max_new_tokens=N)
@@ -122,18 +122,6 @@ def test_a_cached_prefix_is_the_keys_and_values_a_prefill_writes_bit_for_bit(tin
     assert n == (len(prompt) - 1) // BLOCK * BLOCK > 0
     assert torch.equal(engine.cache.k[:, 0, :, :n], plain.cache.k[:, 0, :, :n])
     assert torch.equal(engine.cache.v[:, 0, :, :n], plain.cache.v[:, 0, :, :n])
-
-
-class Recorder(Sampler):
-    """The real sampler, keeping every logits row it samples from."""
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.logits = []
-
-    def __call__(self, logits, start=0):
-        self.logits += list(logits.float())
-        return super().__call__(logits, start)
 
 
 def test_logits_after_a_cached_prefix_equal_a_full_forward(v2):
