@@ -129,8 +129,6 @@ class Worker:
                 m.finished += 1
                 m.prompt_tokens += out.prompt_tokens
                 m.cached_tokens += out.cached_tokens
-                log.debug("%s finished (%s): %d prompt tokens, %d of them cached; %d generated", out.request_id,
-                          out.finish_reason, out.prompt_tokens, out.cached_tokens, out.completion_tokens)
         m.max_decode_batch = max(m.max_decode_batch, decoding)
         m.shared_steps += decoding > 1
         m.running, m.waiting = len(self.engine.running), len(self.engine.waiting)
