@@ -9,6 +9,10 @@ then `--reps` timed ones; the table gives their medians and the ratio ours / ref
     python benchmarks/bench.py --quick               # 1 rep of text, tile and int8 (about a minute)
     python benchmarks/bench.py --device cuda         # the same on a GPU
     python benchmarks/bench.py --only text,tile --reps 5 --json results.json
+    python benchmarks/bench.py --only chat3,same-image8,join7 --reps 1   # the caches and chunked prefill (#12)
+
+The request workloads run ours without caches (each rep would otherwise find the last one's work); chat3,
+same-image8 and join7 measure the caches and chunked prefill (smolvlm/generation/caches.py, scheduler.py).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class Workload:
     new_tokens: int = 64
     quantize: str | None = None
     sides: tuple[str, ...] = ("ours", "reference")
+    kind: str = "request"  # or a scenario of SCENARIOS
 
 
 WORKLOADS = {
@@ -49,6 +54,12 @@ WORKLOADS = {
     "tile-fp32": Workload("one 512x512 image unsplit, 64 new, fp32", dtype="float32", image=(512, 512)),
     "text-int8": Workload("text prompt, 128 new tokens, --quantize int8", new_tokens=128, quantize="int8",
                           sides=("ours",)),
+    "chat3": Workload("3-turn chat about the 1536x1024 photo, each turn resent, 32 new", image=(1536, 1024),
+                      split=True, new_tokens=32, kind="chat"),
+    "same-image8": Workload("8 questions about the 1536x1024 photo in one batch call, 32 new", image=(1536, 1024),
+                            split=True, batch=8, new_tokens=32, kind="shared", sides=("ours",)),
+    "join7": Workload("the photo request joining 7 running text streams", image=(1536, 1024), split=True, batch=8,
+                      new_tokens=8, kind="join", sides=("ours",)),
 }
 QUICK = ("text", "tile", "text-int8")
 
@@ -60,6 +71,13 @@ TARGETS = {
     ("batch8", "total_s"): (0.4, "max", "reference"),
     ("tile-fp32", "decode_tps"): (2.0, "min", "reference"),
     ("text-int8", "decode_tps"): (1.3, "min", "text"),
+    ("chat3", "ttft_turn2_s"): (0.05, "max", "reference"),
+    ("chat3", "ttft_turn3_s"): (0.05, "max", "reference"),
+}
+# Ratios of one side's own metrics (ours): (workload, metric) -> (bound, "max"/"min"), printed as "x0.03 (≤0.05 met)"
+SELF_TARGETS = {
+    ("chat3", "turn2_vs_turn1"): (0.05, "max"), ("chat3", "turn3_vs_turn1"): (0.05, "max"),
+    ("same-image8", "cached_vs_uncached"): (0.5, "max"), ("join7", "max_gap_s"): (0.6, "max"),
 }
 METRICS = [  # key, label, unit scale, format
     ("preprocess_s", "preprocessing", 1e3, "{:.0f} ms"),
@@ -68,6 +86,20 @@ METRICS = [  # key, label, unit scale, format
     ("decode_tps", "decode tok/s (per row)", 1, "{:.1f}"),
     ("decode_all_tps", "decode tok/s (all rows)", 1, "{:.1f}"),
     ("total_s", "total", 1, "{:.2f} s"),
+    ("ttft_turn2_s", "turn 2 time to first token", 1e3, "{:.0f} ms"),
+    ("ttft_turn3_s", "turn 3 time to first token", 1e3, "{:.0f} ms"),
+    ("cached_turn3", "turn 3 prompt tokens cached", 1, "{:.0f}"),
+    ("turn2_vs_turn1", "turn 2 / turn 1 time to first token", 1, "x{:.3f}"),
+    ("turn3_vs_turn1", "turn 3 / turn 1 time to first token", 1, "x{:.3f}"),
+    ("total_uncached_s", "total, caches off", 1, "{:.2f} s"),
+    ("cached_vs_uncached", "total caches on / off", 1, "x{:.2f}"),
+    ("max_gap_s", "streams' longest inter-token gap, chunked", 1e3, "{:.0f} ms"),
+    ("p50_gap_s", "streams' p50 inter-token gap, chunked", 1e3, "{:.0f} ms"),
+    ("p95_gap_s", "streams' p95 inter-token gap, chunked", 1e3, "{:.0f} ms"),
+    ("max_gap_unchunked_s", "streams' longest inter-token gap, unchunked", 1e3, "{:.0f} ms"),
+    ("p50_gap_unchunked_s", "streams' p50 inter-token gap, unchunked", 1e3, "{:.0f} ms"),
+    ("p95_gap_unchunked_s", "streams' p95 inter-token gap, unchunked", 1e3, "{:.0f} ms"),
+    ("ttft_unchunked_s", "time to first token, unchunked", 1e3, "{:.0f} ms"),
     ("peak_rss_mb", "peak RSS", 1, "{:.0f} MB"),
     ("peak_gpu_mb", "peak GPU memory", 1, "{:.0f} MB"),
     ("cold_start_s", "cold start", 1, "{:.1f} s"),
@@ -80,6 +112,90 @@ def photo(width: int, height: int, seed: int):
     from preprocess import photo as make
 
     return make(width, height, seed)
+
+
+QUESTIONS = ["Describe this image in detail.", "What colours stand out, and where?", "Is there any text in it?",
+             "How many objects can you count?", "What time of day is it?", "Where could this be?",
+             "What is in the top left corner?", "Give it a title."]
+
+
+def user(text: str, image=None) -> dict:
+    return {"role": "user", "content": ([] if image is None else [{"type": "image", "image": image}])
+            + [{"type": "text", "text": text}]}
+
+
+def chat(side, w: Workload, reps: int) -> dict:
+    """3 turns about one photo, each resending the conversation (the answers as the side gave them); a warm-up
+    request first (another photo), then `reps` chats, each about a new photo."""
+    side.run([[user(IMAGE_PROMPT, photo(*w.image, seed=99))]], w.new_tokens, w.split, cached=True)
+    chats = []
+    for rep in range(reps):
+        history, turns = [], []
+        for i, question in enumerate(QUESTIONS[:3]):
+            history.append(user(question, photo(*w.image, seed=rep) if i == 0 else None))
+            t = side.run([history], w.new_tokens, w.split, cached=True)
+            history.append({"role": "assistant", "content": [{"type": "text", "text": t.text.strip()}]})
+            turns.append(t)
+        chats.append(turns)
+    median = lambda f: statistics.median(f(turns) for turns in chats)  # noqa: E731
+    return {
+        "ttft_s": median(lambda t: t[0].ttft_s), "ttft_turn2_s": median(lambda t: t[1].ttft_s),
+        "ttft_turn3_s": median(lambda t: t[2].ttft_s), "cached_turn3": median(lambda t: t[2].cached_tokens),
+        "turn2_vs_turn1": median(lambda t: t[1].ttft_s / t[0].ttft_s),
+        "turn3_vs_turn1": median(lambda t: t[2].ttft_s / t[0].ttft_s),
+        "tiles": chats[0][0].tiles, "prompt_tokens": chats[0][2].prompt_tokens, "new_tokens": w.new_tokens,
+    }
+
+
+def shared(side, w: Workload, reps: int) -> dict:
+    """8 questions about one photo as one batch call, caches off (today's engine) and on (emptied before each)."""
+    side.run([[user(IMAGE_PROMPT)]], 4, False)  # warm-up
+    batch = [[user(q, photo(*w.image, seed=0))] for q in QUESTIONS[: w.batch]]
+    off, on = [], []
+    for _ in range(reps):
+        off.append(side.run(batch, w.new_tokens, w.split))
+        side.vlm.caches.clear()
+        on.append(side.run(batch, w.new_tokens, w.split, cached=True))
+    total_on, total_off = statistics.median(t.total_s for t in on), statistics.median(t.total_s for t in off)
+    return {"total_s": total_on, "total_uncached_s": total_off, "cached_vs_uncached": total_on / total_off,
+            "tiles": off[0].tiles, "prompt_tokens": off[0].prompt_tokens, "new_tokens": w.new_tokens}
+
+
+def join(side, w: Workload, reps: int) -> dict:
+    """7 text streams decoding; once each has 4 tokens the photo request joins. The streams' gaps between tokens
+    from then to their end, with chunked prefill (the engine's default) and without (prefill_chunk=None)."""
+    from smolvlm.generation import SamplingParams
+
+    streams = side._prompts([[user(PROMPT)]] * (w.batch - 1), False)
+    long = side._prompts([[user(IMAGE_PROMPT, photo(*w.image, seed=0))]], w.split)[0]
+    stream_tokens = 64
+    result = {}
+    for name, chunk in (("", {}), ("_unchunked", {"prefill_chunk": None})):
+        engine = side.engine(w.batch, len(long) + w.new_tokens, **chunk)
+        gaps, ttfts = [], []
+        for _ in range(reps + 1):  # the first one warms up
+            ids = [engine.add_request(p, SamplingParams(max_new_tokens=stream_tokens)) for p in streams]
+            times, long_id, start = {i: [] for i in ids}, None, None
+            while engine.has_unfinished():
+                outputs = engine.step()
+                now = time.perf_counter()
+                for out in outputs:
+                    if out.request_id in times:
+                        times[out.request_id].append(now)
+                    elif out.request_id == long_id and ttft is None:
+                        ttft = now - start
+                if long_id is None and min(len(t) for t in times.values()) >= 4:
+                    long_id, start, ttft = engine.add_request(long, SamplingParams(max_new_tokens=w.new_tokens)), now, None
+            gaps.append([b - a for t in times.values() for a, b in zip(t[3:], t[4:])])
+            ttfts.append(ttft)
+        all_gaps = sorted(g for run in gaps[1:] for g in run)
+        q = statistics.quantiles(all_gaps, n=20)
+        result |= {f"max_gap{name}_s": max(all_gaps), f"p50_gap{name}_s": statistics.median(all_gaps),
+                   f"p95_gap{name}_s": q[18], f"ttft{name}_s": statistics.median(ttfts[1:])}
+    return result | {"tiles": long.pixel_values.shape[0], "prompt_tokens": len(long), "new_tokens": w.new_tokens}
+
+
+SCENARIOS = {"chat": chat, "shared": shared, "join": join}
 
 
 def conversations(w: Workload) -> list:
@@ -99,6 +215,10 @@ def worker(args) -> None:
 
     w = WORKLOADS[args.workload]
     side = SIDES[args.side](args.folder, w.dtype, args.device, w.quantize)
+    if w.kind != "request":
+        result = SCENARIOS[w.kind](side, w, args.reps)
+        print(json.dumps(result | {"peak_rss_mb": peak_rss_mb(), "load_s": side.load_s}))
+        return
     batch = conversations(w)
     cold = side.run(batch, w.new_tokens, w.split)
     cold_start = time.time() - args.spawned_at - cold.total_s + cold.ttft_s  # process start -> first token
@@ -182,6 +302,10 @@ def ratio_cell(results, name, metric) -> str:
     target = TARGETS.get((name, metric))
     if target and target[2] != "reference":
         ref = results.get(target[2], {}).get("ours", {}).get(metric)
+    if (name, metric) in SELF_TARGETS and ours is not None:
+        bound, kind = SELF_TARGETS[name, metric]
+        met = ours >= bound if kind == "min" else ours <= bound
+        return f"{'≥' if kind == 'min' else '≤'}{bound} {'met' if met else 'NOT met'}"
     if ours is None or ref is None:
         return ""
     cell = f"x{ours / ref:.2f}"

@@ -22,6 +22,8 @@ class Timing:
     token_times: list[float]  # seconds from the start of the request to each new token (batch: each step)
     tiles: int  # vision frames encoded
     prompt_tokens: int  # of the longest prompt
+    text: str = ""  # the (first) answer
+    cached_tokens: int = 0  # of the (first) prompt, from the prefix cache
 
     @property
     def ttft_s(self) -> float:
@@ -52,31 +54,45 @@ class Ours:
         self.vlm = smolvlm.load(folder, dtype=dtype, device=device, quantize=quantize, progress=False)
         self.load_s = time.perf_counter() - start
         self.model, self.processor, self.device = self.vlm.model, self.vlm.processor, self.vlm.model.device
-        self.engine = None
+        self.engines = {}  # (batch, cached) -> Engine
 
     def _prompts(self, conversations, split):
         from smolvlm.generation import prepare_all
 
         return prepare_all(self.processor, conversations, do_image_splitting=split)
 
-    def run(self, conversations, new_tokens: int, split: bool) -> Timing:
-        from smolvlm.generation import Engine, SamplingParams
+    def engine(self, batch: int, length: int, cached: bool = False, **options):
+        """An engine sized like smolvlm.load's (room for the prompts and the answers), kept for the next run; with
+        the caches of `smolvlm.load` (cached) or none."""
+        from smolvlm.generation import Engine
+
+        length = -(-length // 256) * 256
+        engine = self.engines.get((batch, cached))
+        if engine is None or engine.max_len < length or options:
+            self.engines.pop((batch, cached), None)
+            engine = Engine(self.model, self.processor, [], max_batch=batch, max_len=length,
+                            caches=self.vlm.caches if cached else None, **options)
+            if not options:
+                self.engines[batch, cached] = engine
+        return engine
+
+    def run(self, conversations, new_tokens: int, split: bool, cached: bool = False) -> Timing:
+        from smolvlm.generation import SamplingParams
 
         start = time.perf_counter()
         prompts = self._prompts(conversations, split)
         preprocess = time.perf_counter() - start
         longest = max(len(p) for p in prompts)
-        if self.engine is None:  # sized like smolvlm.load's engine: room for the prompts and the answers
-            length = -(-(longest + new_tokens) // 256) * 256
-            self.engine = Engine(self.model, self.processor, [], max_batch=len(prompts), max_len=length)
-        for p in prompts:
-            self.engine.add_request(p, SamplingParams(max_new_tokens=new_tokens))
-        times = []
-        while self.engine.has_unfinished():
-            self.engine.step()  # reads the sampled tokens: a host sync
+        engine = self.engine(len(prompts), longest + new_tokens, cached)
+        first = [engine.add_request(p, SamplingParams(max_new_tokens=new_tokens)) for p in prompts][0]
+        times, text, cached_tokens = [], "", 0
+        while engine.has_unfinished():
+            for out in engine.step():  # reads the sampled tokens: a host sync
+                if out.request_id == first:
+                    text, cached_tokens = text + out.text, out.cached_tokens
             times.append(time.perf_counter() - start)
         tiles = sum(0 if p.pixel_values is None else p.pixel_values.shape[0] for p in prompts)
-        return Timing(preprocess, times, tiles, longest)
+        return Timing(preprocess, times, tiles, longest, text, cached_tokens)
 
     @torch.inference_mode()
     def vision(self, conversations, split: bool) -> tuple[float, int]:
@@ -116,7 +132,8 @@ class Reference:
         )
         return inputs.to(self.device)
 
-    def run(self, conversations, new_tokens: int, split: bool) -> Timing:
+    def run(self, conversations, new_tokens: int, split: bool, cached: bool = False) -> Timing:
+        """`cached` is ignored: the reference has no cache across calls."""
         from transformers.generation.streamers import BaseStreamer
 
         device = self.device
@@ -137,12 +154,14 @@ class Reference:
         preprocess = time.perf_counter() - start
         clock = Clock()
         with torch.inference_mode():
-            self.model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                streamer=clock)
+            out = self.model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                      streamer=clock)
         tiles = 0
         if "pixel_values" in inputs:
             tiles = int((inputs["pixel_values"] != 0).flatten(2).any(-1).sum())  # real frames, not padding
-        return Timing(preprocess, clock.times[1:], tiles, inputs["input_ids"].shape[1])
+        t = inputs["input_ids"].shape[1]
+        text = self.processor.tokenizer.decode(out[0, t:], skip_special_tokens=True)
+        return Timing(preprocess, clock.times[1:], tiles, t, text)
 
     @torch.inference_mode()
     def vision(self, conversations, split: bool) -> tuple[float, int]:

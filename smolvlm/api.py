@@ -23,8 +23,9 @@ from . import hub
 from .adapters import adapter_base, is_adapter, merge_adapter
 from .hub import DEFAULT_MODEL
 from .errors import InputError, SmolVLMError
-from .generation import (Engine, GenerationResult, Prompt, SamplingParams, StepOutput, end_token_ids, prepare,
-                         prepare_all)
+from .generation import (Caches, Engine, GenerationResult, Prompt, SamplingParams, StepOutput, end_token_ids,
+                         prepare, prepare_all)
+from .generation.caches import DEFAULT_CACHE_MB
 from .generation.constraints import Grammar
 from .model import Model
 from .processing import Processor
@@ -45,12 +46,15 @@ def load(
     progress: bool = True,
     quantize: str | None = None,
     adapter: str | os.PathLike | None = None,
+    cache_mb: float = DEFAULT_CACHE_MB,
 ) -> SmolVLM:
     """Load a checkpoint folder or hub repo id. dtype defaults to the checkpoint's own; device to CUDA if available,
     else the CPU. quantize="int8": int8 text-decoder weights (CPU). Progress bars (downloads, loading) go to stderr.
     The model is fused for inference (`Model.fuse`); `vlm.model.unfuse()` gives back the HF module tree.
     `adapter`: a LoRA adapter folder merged into the weights (smolvlm/adapters.py); a LoRA adapter folder given as
-    `path_or_repo_id` is loaded onto the base model its adapter_config.json names."""
+    `path_or_repo_id` is loaded onto the base model its adapter_config.json names.
+    cache_mb: memory for the caches every call shares (image features and prompt keys/values of earlier calls,
+    smolvlm/generation/caches.py); 0 turns them off."""
     if adapter is None and is_adapter(path_or_repo_id):
         adapter, path_or_repo_id = path_or_repo_id, adapter_base(path_or_repo_id)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -68,16 +72,20 @@ def load(
             model = Model.from_pretrained(folder, dtype=dtype, device=device)
             model = merge_adapter(model, adapter).fuse(quantize)
         bar.update()
-    return SmolVLM(model, processor, end_token_ids(folder, processor.tokenizer))
+    return SmolVLM(model, processor, end_token_ids(folder, processor.tokenizer), cache_mb)
 
 
 class SmolVLM:
     """A loaded model with its processor. `generate` returns answers, `complete` the full results, `stream` pieces.
     Calls may interleave (a stream left open while `generate` runs keeps its pieces), but not from several threads:
-    a server drives an `Engine` from one loop thread instead."""
+    a server drives an `Engine` from one loop thread instead. `caches` (None with cache_mb=0) keep image features
+    and prompt keys/values across calls: a chat's later turns, or questions about the same image, skip that work."""
 
-    def __init__(self, model, processor, end_ids: list[int]):
+    def __init__(self, model, processor, end_ids: list[int], cache_mb: float = DEFAULT_CACHE_MB):
+        if not (isinstance(cache_mb, (int, float)) and not isinstance(cache_mb, bool) and cache_mb >= 0):
+            raise InputError(f"cache_mb={cache_mb!r}: expected a number of MiB >= 0 (0 turns the caches off)")
         self.model, self.processor, self.end_ids = model, processor, end_ids
+        self.caches = Caches(cache_mb) if cache_mb else None
         self.engine: Engine | None = None  # made on first use, remade larger when a call needs more room
         self.unread: dict[str, list[StepOutput]] = {}  # outputs of this object's open requests, not yet read
 
@@ -105,7 +113,7 @@ class SmolVLM:
             last = outputs[-1]
             results.append(GenerationResult(
                 request_id, "".join(o.text for o in outputs), [t for o in outputs for t in o.token_ids],
-                last.finish_reason, last.prompt_tokens, last.completion_tokens,
+                last.finish_reason, last.prompt_tokens, last.completion_tokens, last.cached_tokens,
             ))  # fmt: skip
         return results[0] if single else results
 
@@ -204,12 +212,16 @@ class SmolVLM:
         if engine is not None and engine.max_batch >= batch and engine.max_len >= length:
             return engine
         if engine is not None and engine.has_unfinished():
-            return Engine(self.model, self.processor, self.end_ids, max_batch=batch, max_len=length)
+            return self.new_engine(max_batch=batch, max_len=length)
         if engine is not None:
             batch, length = max(batch, engine.max_batch), max(length, engine.max_len)
         self.engine = engine = None  # free the old cache before allocating the new one
-        self.engine = Engine(self.model, self.processor, self.end_ids, max_batch=batch, max_len=length)
+        self.engine = self.new_engine(max_batch=batch, max_len=length)
         return self.engine
+
+    def new_engine(self, **options) -> Engine:
+        """An Engine over this model that shares its caches (options: max_batch, max_len, prefill_chunk)."""
+        return Engine(self.model, self.processor, self.end_ids, caches=self.caches, **options)
 
 
 def _grammar(params: dict) -> Grammar | None:

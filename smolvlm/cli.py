@@ -31,6 +31,7 @@ COMMANDS = [
 def model_options(parser: argparse.ArgumentParser) -> None:
     """--model, --adapter, --revision, --dtype, --quantize, --device: shared by every command that loads a model."""
     from .hub import DEFAULT_MODEL
+    from .generation.caches import DEFAULT_CACHE_MB
 
     parser.add_argument("--model", "-m", default=os.environ.get("SMOLVLM_MODEL") or DEFAULT_MODEL,
                         help="checkpoint folder, hub repo id, or a LoRA adapter folder (its base model comes from its "
@@ -40,6 +41,9 @@ def model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's own)")
     parser.add_argument("--quantize", choices=["int8"], help="int8: int8 text-decoder weights, faster CPU decoding")
     parser.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available, else cpu)")
+    parser.add_argument("--cache-mb", type=float, default=DEFAULT_CACHE_MB,
+                        help="memory for the image-feature and prompt (KV prefix) caches; 0 turns them off "
+                             "(default: %(default)s)")
 
 
 def positive(kind):
@@ -137,7 +141,7 @@ def load_model(args):
     from .api import load
 
     return load(args.model, dtype=args.dtype, device=args.device, revision=args.revision, quantize=args.quantize,
-                adapter=args.adapter)
+                adapter=args.adapter, cache_mb=args.cache_mb)
 
 
 def sampling_params(args) -> dict:

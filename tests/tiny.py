@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from smolvlm import Model
+from smolvlm.generation.sampling import Sampler
 from smolvlm.model.fast import decoder_weights
 from smolvlm.model.kv_cache import KVCache
 
@@ -147,3 +148,15 @@ def decode_step_both(folder, dtype, positions, quantize=None):
         assert decoder_weights(model) is None
         plain = model.decode(tokens, positions, plain_cache, keys=64)
     return fast.float(), plain.float(), cache, plain_cache
+
+
+class Recorder(Sampler):
+    """The real sampler, keeping the logits of every row it samples (in the order the engine's step reports them)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.logits = []
+
+    def __call__(self, logits, start=0):
+        self.logits += list(logits.float())
+        return super().__call__(logits, start)

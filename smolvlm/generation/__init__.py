@@ -1,8 +1,10 @@
 """Generation: the engine (continuous batching over KV-cache slots), the sampler and the incremental detokenizer."""
 
+from .caches import Caches
 from .engine import Engine, GenerationResult, Prompt, StepOutput, end_token_ids, prepare, prepare_all
 from .sampling import SamplingParams
 
 __all__ = [
-    "Engine", "GenerationResult", "Prompt", "SamplingParams", "StepOutput", "end_token_ids", "prepare", "prepare_all",
+    "Caches", "Engine", "GenerationResult", "Prompt", "SamplingParams", "StepOutput", "end_token_ids", "prepare",
+    "prepare_all",
 ]

@@ -1,39 +1,51 @@
-"""The generation engine: continuous batching over the rows ("slots") of one preallocated KV cache.
+"""The generation engine: continuous batching over the rows ("slots") of one preallocated KV cache, with prefix and
+image-feature caches and chunked prefill.
 
-Layout. Active requests occupy cache rows 0..n-1, each right-aligned at its own positions 0..len-1 (no left padding),
-so RoPE positions are cache positions and a row's length is all the engine needs to know about it. A decode step
-attends keys 0..S-1 with mask `arange(S) <= pos[b]`, where S is the longest row rounded up (known on the host
-without a sync), so short batches never attend over the whole cache.
+Layout. engine.py: the public Engine and the life of a request; scheduler.py: the waiting queue, admission and each
+step's prefill budget; prefix_cache.py: hashed KV blocks of earlier sequences; feature_cache.py: image features by
+pixel content (caches.py holds both for all the engines of one model). Requests occupy cache rows 0..n-1, each
+right-aligned at its own positions 0..len-1 (no left padding), so RoPE positions are cache positions and a row's
+length is all the engine needs to know about it. Rows 0..d-1 are decoding, rows d..n-1 are still being prefilled. A
+decode step attends keys 0..S-1 with mask `arange(S) <= pos[b]`, where S is the longest row rounded up (known on the
+host without a sync), so short batches never attend over the whole cache.
 
-Life of a request. `add_request` prepares the inputs (chat template, images) in the caller's thread and queues it.
-`step` then (1) drops aborted requests, (2) decodes one token for every running row, (3) admits queued requests into
-free slots with one batched prefill: right-padded prompts under plain causal attention, the image tiles of all of
-them encoded as one batch. A request that finishes leaves at once; the last row is moved into its hole, so active
-rows stay 0..n-1 and the cache view is a free slice.
+Life of a request. `add_request` prepares the inputs (chat template, images), hashes its image frames and its prompt's
+blocks (caches on) in the caller's thread, and queues it. `step` then (1) drops aborted requests, (2) decodes one
+token for every decoding row, (3) admits queued requests into free slots, copying the longest cached prefix of each
+into its row, (4) prefills: with nothing decoding, the whole prompts at once, else chunks under the scheduler's
+budget. A prefill writes prompt positions start..end-1 of each row, attending the row's keys 0..end-1 (right-padded
+chunks under a mask); the frames a chunk shows are taken from the feature cache or encoded as one batch (each
+distinct frame once). A request whose prompt is complete samples its first token and becomes a decoding row; its
+prompt blocks go to the prefix cache. A request that finishes stores its prompt + answer blocks and leaves at once;
+rows are moved so decoding rows stay 0..d-1 and prefilling ones d..n-1, and the cache views are free slices.
 
 Syncs. Inputs of the next step (last tokens, positions) stay on the device; the one host sync per forward is reading
-the sampled tokens, which the detokenizer and the stop checks need anyway.
+the sampled tokens, which the detokenizer and the stop checks need anyway. Hashing and cache copies happen at
+admission and exit, never in the decode step.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import threading
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError, InputError
 from ..model.kv_cache import KVCache
-from .constraints import Matcher, grammars_for
+from .caches import Caches
+from .constraints import grammars_for
 from .detokenizer import Detokenizer
+from .feature_cache import chunk_features, frame_keys, ready
+from .prefix_cache import BLOCK, extend_keys
 from .sampling import Sampler, SamplingParams
+from .scheduler import Request, Scheduler
 
 END_OF_UTTERANCE = "<end_of_utterance>"
 KEY_BLOCK = 64  # decode attends a multiple of this many key positions
+PREFILL_CHUNK = 128  # prompt tokens prefilled per step while other requests decode (scheduler.py)
 
 
 @dataclass
@@ -58,6 +70,7 @@ class StepOutput:
     finish_reason: str | None  # None while running; "stop" (end token or stop string), "length" or "error"
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
     error: str | None = None  # what failed this request alone (finish_reason "error"); the others went on
 
     @property
@@ -76,29 +89,7 @@ class GenerationResult:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
-
-
-@dataclass
-class Request:
-    id: str
-    prompt: Prompt
-    params: SamplingParams
-    detok: Detokenizer
-    output_ids: list[int] = field(default_factory=list)
-    slot: int = -1
-    length: int = 0  # tokens in the cache row (host copy of Engine.pos[slot])
-    finish_reason: str | None = None
-    matcher: Matcher | None = None  # the parser of a constrained answer (params.grammar)
-    error: str | None = None
-
-    def fail(self, e: Exception) -> None:
-        """This request's own work failed inside a shared step: it ends alone with finish_reason "error"."""
-        self.finish_reason, self.error = "error", f"{type(e).__name__}: {e}"
-
-    def result(self) -> GenerationResult:
-        return GenerationResult(
-            self.id, self.detok.text, self.output_ids, self.finish_reason, len(self.prompt), len(self.output_ids)
-        )
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
 
 
 def prepare(processor, messages, **options) -> Prompt:
@@ -137,7 +128,11 @@ def end_token_ids(folder: str | Path, tokenizer) -> list[int]:
 
 
 class Engine:
-    def __init__(self, model, processor, end_ids: list[int], max_batch: int = 8, max_len: int = 4096):
+    """`caches`: the prefix and image-feature caches to use and fill (None: none). `prefill_chunk`: prompt tokens
+    prefilled per step while other requests are decoding (scheduler.py; None: whole prompts at once)."""
+
+    def __init__(self, model, processor, end_ids: list[int], max_batch: int = 8, max_len: int = 4096,
+                 caches: Caches | None = None, prefill_chunk: int | None = PREFILL_CHUNK):
         self.model, self.processor = model, processor
         self.end_ids = frozenset(end_ids)
         param = next(model.parameters())
@@ -155,50 +150,54 @@ class Engine:
         long = dict(dtype=torch.long, device=self.device)
         self.pos = torch.zeros(max_batch, **long)  # tokens in each row = position of its next input token
         self.last = torch.zeros(max_batch, **long)  # each row's last sampled token = its next input token
+        self.caches = caches
+        self.scheduler = Scheduler(prefill_chunk)
         self.running: list[Request] = []  # running[i] owns slot i
-        self.waiting: deque[Request] = deque()
-        self.aborted: set[str] = set()
-        self.lock = threading.Lock()  # guards waiting/aborted: a server thread adds while another one steps
+        self.decoding = 0  # running[:decoding] decode, running[decoding:] are being prefilled
         self.ids = itertools.count()
 
     @property
     def max_batch(self) -> int:
         return self.cache.max_batch
 
+    @property
+    def waiting(self):
+        return self.scheduler.waiting
+
     # ---- hand-off (any thread) ----
 
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
         """Queue a conversation (messages, or a `Prompt`); return its id. Raises InputError for unusable input."""
         request = self._request(prompt, params, request_id)
-        self._queue([request])
+        self.scheduler.queue([request], self.running)
         return request.id
 
     def abort(self, request_id: str) -> None:
         """Drop a request at the next step (it gets no further output). Unknown ids are ignored."""
-        with self.lock:
-            self.aborted.add(request_id)
+        self.scheduler.abort(request_id)
+
+    @property
+    def waiting(self):
+        """Requests queued for a slot (the scheduler's queue)."""
+        return self.scheduler.waiting
 
     def has_unfinished(self) -> bool:
-        return bool(self.running or self.waiting)
+        return bool(self.running or self.scheduler.waiting)
 
     # ---- the loop (one thread) ----
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
-        """Advance every running request by one token, then admit queued ones into free slots (their first token).
-        Returns what each request produced; a request appears with finish_reason set once, then never again."""
-        with self.lock:
-            aborted, self.aborted = self.aborted, set()
-            dropped = [r for r in itertools.chain(self.waiting, self.running) if r.id in aborted]
-            if dropped:
-                self.waiting = deque(r for r in self.waiting if r.id not in aborted)
+        """Advance every decoding request by one token, admit queued ones into free slots and prefill (a chunk of)
+        the prompts in them; a prompt prefilled to its end gives its first token. Returns what each request
+        produced; a request appears with finish_reason set once, then never again."""
+        dropped = self.scheduler.take_aborted(self.running)
         for r in dropped:
             r.finish_reason = "abort"
         self._leave([r for r in dropped if r.slot >= 0])
-        outputs = self._decode() if self.running else []
-        with self.lock:
-            new = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.max_batch - len(self.running)))]
-        return outputs + (self._prefill(new) if new else [])
+        outputs = self._decode() if self.decoding else []
+        self._admit()
+        return outputs + self._prefill()
 
     def generate(self, batch: list, params: SamplingParams | list | None = None) -> list[GenerationResult]:
         """Run conversations (or Prompts) to the end as one batch, with one SamplingParams or one per conversation;
@@ -210,24 +209,25 @@ class Engine:
         # The first max_batch are checked before any is queued; the rest are prepared as slots free up (at most
         # max_batch ahead), so their pixels never pile up.
         requests = [self._request(item, p) for item, p in zip(batch[: self.max_batch], params)]
-        self._queue(requests)
+        self.scheduler.queue(requests, self.running)
         try:
             while len(requests) < len(batch) or any(r.finish_reason is None for r in requests):
-                while len(requests) < len(batch) and len(self.waiting) < self.max_batch:
+                while len(requests) < len(batch) and len(self.scheduler.waiting) < self.max_batch:
                     requests.append(self._request(batch[len(requests)], params[len(requests)]))
-                    self._queue(requests[-1:])
+                    self.scheduler.queue(requests[-1:], self.running)
                 self.step()
         except InputError:
             for r in requests:
                 self.abort(r.id)
             self.step()  # drops them
             raise
-        return [r.result() for r in requests]
+        return [GenerationResult(r.id, r.detok.text, r.output_ids, r.finish_reason, len(r.prompt),
+                                 len(r.output_ids), r.cached) for r in requests]
 
     # ---- internals ----
 
     def _request(self, prompt, params: SamplingParams | None, request_id: str | None = None) -> Request:
-        """A request for `prompt` (messages or a Prompt), checked; not queued yet."""
+        """A request for `prompt` (messages or a Prompt), checked and hashed; not queued yet."""
         params = params or SamplingParams()
         if not isinstance(prompt, Prompt):
             prompt = prepare(self.processor, prompt)
@@ -241,7 +241,8 @@ class Engine:
                 "(the checkpoint's processor settings make those)"
             )
         n_frames = 0 if prompt.pixel_values is None else prompt.pixel_values.shape[0]
-        n_tokens = int((prompt.input_ids == config.image_token_id).sum())
+        is_image = prompt.input_ids == config.image_token_id
+        n_tokens = int(is_image.sum())
         if n_tokens != n_frames * config.image_seq_len:  # refused here, not in a step shared with other requests
             raise InputError(
                 f"The prompt has {n_tokens} image tokens but {n_frames} image frames x {config.image_seq_len} tokens "
@@ -249,7 +250,15 @@ class Engine:
             )
         request_id = str(next(self.ids)) if request_id is None else request_id
         matcher = None if params.grammar is None else self.grammars.matcher(params.grammar)  # InputError if bad
-        return Request(request_id, prompt, params, Detokenizer(self.processor.tokenizer, params.stop), matcher=matcher)
+        r = Request(request_id, prompt, params, Detokenizer(self.processor.tokenizer, params.stop), matcher=matcher)
+        if n_frames:
+            before = is_image.cumsum(0)
+            r.frame_of = torch.where(is_image, (before - 1) // config.image_seq_len, -1)  # [T]
+            r.images_before = torch.cat([before.new_zeros(1), before])  # [T + 1]
+        if self.caches is not None:
+            r.frames = None if not n_frames else frame_keys(prompt.pixel_values, prompt.pixel_attention_mask)
+            extend_keys(r.keys, prompt.input_ids, r.frame_of, r.frames, len(prompt))
+        return r
 
     @property
     def grammars(self):
@@ -262,65 +271,74 @@ class Engine:
             return logits
         return self.grammars.mask(logits, [r.matcher for r in requests])
 
-    def _queue(self, requests: list[Request]) -> None:
-        with self.lock:
-            taken = {r.id for r in itertools.chain(self.waiting, self.running)}
-            for r in requests:
-                if r.id in taken:
-                    raise InputError(f"Request id {r.id!r} is already in use")
-                taken.add(r.id)
-            self.waiting.extend(requests)
-
     def _decode(self) -> list[StepOutput]:
-        n = len(self.running)
-        keys = min(self.max_len, -(-(max(r.length for r in self.running) + 1) // KEY_BLOCK) * KEY_BLOCK)
+        n, rows = self.decoding, self.running[: self.decoding]
+        keys = min(self.max_len, -(-(max(r.length for r in rows) + 1) // KEY_BLOCK) * KEY_BLOCK)
         logits = self.model.decode(self.last[:n], self.pos[:n], self.cache, keys)  # [n, V]
-        tokens = self.sampler(self._logits(logits, self.running))  # [n]
+        tokens = self.sampler(self._logits(logits, rows))  # [n]
         self.last[:n] = tokens
         self.pos[:n] += 1
-        for r in self.running:
+        for r in rows:
             r.length += 1
-        return self._emit(self.running, tokens)
+        return self._emit(rows, tokens)
 
-    def _prefill(self, new: list[Request]) -> list[StepOutput]:
-        start, k = len(self.running), len(new)
-        lengths = [len(r.prompt) for r in new]
-        ids = torch.full((k, max(lengths)), self.processor.pad_token_id, dtype=torch.long)
-        for i, r in enumerate(new):  # right padding: every prompt at positions 0..len-1
-            ids[i, : lengths[i]] = r.prompt.input_ids
+    def _admit(self) -> None:
+        """Give free slots to queued requests, each row starting with its longest cached prefix."""
+        for r in self.scheduler.admit(self.max_batch - len(self.running), self.running[self.decoding :]):
+            r.slot = len(self.running)
+            self.running.append(r)
+            r.features = [None] * (0 if r.prompt.pixel_values is None else r.prompt.pixel_values.shape[0])
+            if self.caches is not None:  # at least the last prompt token is computed: its logits give the answer
+                r.length = r.cached = self.caches.prefix.load(r.keys, self.cache, r.slot, len(r.prompt) - 1)
+
+    def _prefill(self) -> list[StepOutput]:
+        """Prefill this step's chunks (rows start..start+k-1); sample the first token of those now complete."""
+        start = self.decoding
+        prefilling = self.running[start:]
+        cached = self.caches.features if self.caches is not None else None
+        ends = self.scheduler.plan(prefilling, start > 0, lambda r, f: ready(r, f, cached)) if prefilling else []
+        if not ends:
+            return []
+        chunks = list(zip(prefilling, ends))
+        features = chunk_features(self.model, cached, chunks)  # [image tokens of the chunks, D]
+        k, begins = len(chunks), [r.length for r, _ in chunks]
+        t = max(end - begin for begin, end in zip(begins, ends))
+        ids = torch.full((k, t), self.processor.pad_token_id, dtype=torch.long)
+        for i, (r, end) in enumerate(chunks):  # right padding: the chunk at positions begin..end-1
+            ids[i, : end - begins[i]] = r.prompt.input_ids[begins[i] : end]
         ids = ids.to(self.device)
-        embeds = self.model.embed(ids, self._image_features(new))  # [k, T, D]
-        for r in new:  # the image features are in `embeds` now: don't hold the pixels for the request's lifetime
-            r.prompt = Prompt(r.prompt.input_ids)
-        t = ids.shape[1]
-        positions = torch.arange(t, device=self.device).expand(k, t)
-        causal = torch.ones(t, t, dtype=torch.bool, device=self.device).tril()[None, None]  # [1, 1, T, T]
+        embeds = self.model.embed(ids, features)  # [k, T, D]
+        steps = torch.arange(t, device=self.device)
+        # [k, T]: padding goes on past the row's end, kept inside the cache (its keys are never attended)
+        positions = (torch.tensor(begins, device=self.device)[:, None] + steps).clamp(max=self.max_len - 1)
+        same = len(set(begins)) == 1  # then one mask serves every row
+        mask = torch.arange(max(ends), device=self.device) <= (positions[:1] if same else positions)[:, None, :, None]
         hidden = self.model.model.text_model(
-            embeds, positions, attn_mask=causal, cache=self.cache.rows(start), cache_positions=positions
-        )
-        last = torch.tensor(lengths, device=self.device) - 1
-        hidden = hidden[torch.arange(k, device=self.device), last]  # [k, D]: each prompt's last real token
-        for i, r in enumerate(new):
-            r.slot, r.length = start + i, lengths[i]
+            embeds, positions, attn_mask=mask, cache=self.cache.rows(start), cache_positions=positions
+        )  # [k, T, D]; mask [k or 1, 1, T, max(ends)]
+        for r, end in chunks:
+            r.length = end
+        done = [r for r, end in chunks if end == len(r.prompt)]  # the first ones (scheduler.plan)
+        if not done:
+            return []
+        m = len(done)
+        last = torch.tensor([len(r.prompt) - 1 - b for r, b in zip(done, begins)], device=self.device)
+        hidden = hidden[torch.arange(m, device=self.device), last]  # [m, D]: each prompt's last token
+        for r in done:
+            r.decoding, r.features = True, []
+            r.prompt = Prompt(r.prompt.input_ids)  # its features are in the cache now: don't hold the pixels
             try:
                 self.sampler.set(r.slot, r.params, r.prompt.input_ids)
             except Exception as e:  # fail it alone; greedy settings keep its row harmless for this step's sampling
                 r.fail(e)
                 self.sampler.set(r.slot, SamplingParams(), r.prompt.input_ids)
-        tokens = self.sampler(self._logits(self.model.lm_head(hidden), new), start=start)
-        self.last[start : start + k] = tokens
-        self.pos[start : start + k] = last + 1
-        self.running += new
-        return self._emit(new, tokens)
-
-    def _image_features(self, requests: list[Request]) -> torch.Tensor | None:
-        """Features of the image frames of `requests`, all tiles encoded as one batch: [n_frames * N, D]."""
-        frames = [r.prompt for r in requests if r.prompt.pixel_values is not None]
-        if not frames:
-            return None
-        pixels = torch.cat([p.pixel_values for p in frames])[None].to(self.device)  # [1, I, 3, S, S]
-        masks = torch.cat([p.pixel_attention_mask for p in frames])[None].to(self.device)  # [1, I, S, S]
-        return self.model.get_image_features(pixels, masks)
+            if self.caches is not None:
+                self.caches.prefix.store(r.keys, self.cache, r.slot, self.model.dtype)
+        tokens = self.sampler(self._logits(self.model.lm_head(hidden), done), start=start)
+        self.last[start : start + m] = tokens
+        self.pos[start : start + m] = torch.tensor([r.length for r in done], device=self.device)
+        self.decoding += m
+        return self._emit(done, tokens)
 
     def _emit(self, requests: list[Request], tokens: torch.Tensor) -> list[StepOutput]:
         """Book the sampled tokens (the step's one host sync), detokenize, check the stop conditions."""
@@ -341,22 +359,37 @@ class Engine:
                     r.fail(e)
                     text = ""
             outputs.append(StepOutput(r.id, [token] if r.error is None else [], text, r.finish_reason,
-                                      len(r.prompt), len(r.output_ids), r.error))
+                                      len(r.prompt), len(r.output_ids), r.cached, r.error))
         self._leave([r for r in requests if r.finish_reason])
         return outputs
 
     def _leave(self, requests: list[Request]) -> None:
-        """Free the slots of `requests`, moving the last row into each hole (highest slot first)."""
+        """Free the slots of `requests` (highest slot first), storing their blocks in the prefix cache; rows are
+        moved into the holes so that decoding rows stay 0..d-1 and prefilling ones d..n-1."""
         for r in sorted(requests, key=lambda r: r.slot, reverse=True):
+            if self.caches is not None and r.length >= BLOCK:
+                sequence = torch.cat([r.prompt.input_ids, torch.tensor(r.output_ids, dtype=torch.long)])
+                keys = extend_keys(r.keys, sequence, r.frame_of, r.frames, r.length)
+                self.caches.prefix.store(keys[: r.length // BLOCK], self.cache, r.slot, self.model.dtype)
+            hole = r.slot
+            if r.decoding:  # the last decoding row fills the hole, the last row fills its place
+                self.decoding -= 1
+                if hole != self.decoding:
+                    self._move(self.decoding, hole)
+                hole = self.decoding
             last = len(self.running) - 1
-            if r.slot != last:
-                moved = self.running[last]
-                n = moved.length
-                self.cache.k[:, r.slot, :, :n] = self.cache.k[:, last, :, :n]
-                self.cache.v[:, r.slot, :, :n] = self.cache.v[:, last, :, :n]
-                self.pos[r.slot], self.last[r.slot] = self.pos[last], self.last[last]
-                self.sampler.move(last, r.slot)
-                self.running[r.slot], moved.slot = moved, r.slot
-            else:
-                self.sampler.free(last)
+            if hole != last:
+                self._move(last, hole)
+            self.sampler.free(last)
             self.running.pop()
+            r.features = []
+
+    def _move(self, src: int, dst: int) -> None:
+        """Row `src`'s request (its keys/values, position, last token and sampler state) now lives in row `dst`."""
+        moved = self.running[src]
+        n = moved.length
+        self.cache.k[:, dst, :, :n] = self.cache.k[:, src, :, :n]
+        self.cache.v[:, dst, :, :n] = self.cache.v[:, src, :, :n]
+        self.pos[dst], self.last[dst] = self.pos[src], self.last[src]
+        self.sampler.move(src, dst)
+        self.running[dst], moved.slot = moved, dst

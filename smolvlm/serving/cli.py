@@ -105,7 +105,8 @@ def run_serve(args) -> int:
         allow_control_tokens=args.allow_control_tokens,
     )
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = dict(dtype=args.dtype, device=args.device, revision=args.revision, quantize=args.quantize)
+    options = dict(dtype=args.dtype, device=args.device, revision=args.revision, quantize=args.quantize,
+                   cache_mb=args.cache_mb)
     models = {args.served_model_name or str(args.model): load(args.model, adapter=args.adapter, **options)}
     models.update({name: load(args.model, adapter=path, **options) for name, path in lora.items()})
     metrics = ServerMetrics()

@@ -104,9 +104,9 @@ class Tracker:
                 self.finished.labels(self.model, out.finish_reason).inc()
                 first = times[1]
                 rate = (out.completion_tokens - 1) / (now - first) if now > first else 0.0
-                log.info("%s: %d prompt + %d completion tokens, finish %s, first token %.2f s, %.1f tok/s, %.2f s",
-                         out.request_id, out.prompt_tokens, out.completion_tokens, out.finish_reason, first - start,
-                         rate, now - start)
+                log.info("%s: %d prompt (%d cached) + %d completion tokens, finish %s, first token %.2f s, "
+                         "%.1f tok/s, %.2f s", out.request_id, out.prompt_tokens, out.cached_tokens,
+                         out.completion_tokens, out.finish_reason, first - start, rate, now - start)
 
 
 class _WorkerCollector:

@@ -267,13 +267,15 @@ def _param(loc: tuple) -> str:
     return param
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; cached_tokens: prompt tokens whose keys/values came from the prefix cache."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def completion(id: str, model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
-               tool_calls: list[dict] | None = None) -> dict:
+               tool_calls: list[dict] | None = None, cached_tokens: int = 0) -> dict:
     """A chat.completion; with tool_calls, the message holds them instead of text (finish_reason "tool_calls")."""
     message = {"role": "assistant", "content": text}
     if tool_calls:
@@ -282,7 +284,7 @@ def completion(id: str, model: str, text: str, finish_reason: str, prompt_tokens
         "id": id, "object": "chat.completion", "created": int(time.time()), "model": model,
         "system_fingerprint": None,
         "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
     }  # fmt: skip
 
 
@@ -296,10 +298,11 @@ def chunk(id: str, model: str, created: int, delta: dict, finish_reason: str | N
     return out
 
 
-def usage_chunk(id: str, model: str, created: int, prompt_tokens: int, completion_tokens: int) -> dict:
+def usage_chunk(id: str, model: str, created: int, prompt_tokens: int, completion_tokens: int,
+                cached_tokens: int = 0) -> dict:
     """The last chunk when stream_options.include_usage is set: no choices, the request's usage."""
     return {"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": None,
-            "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+            "choices": [], "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def model_list(name: str, created: int) -> dict:

@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from ..generation import Engine, Prompt, SamplingParams, StepOutput
+from ..generation import Prompt, SamplingParams, StepOutput
 from . import protocol, tokenize, ui
 from .fetch import Fetcher
 from .inputs import build_prompt, fetch_media, sampling_params
@@ -61,7 +61,7 @@ def create_app(vlm, model_name: str, limits: Limits = Limits(), max_batch: int =
     503 error."""
     context = max_len or min(vlm.model.config.text_config.max_position_embeddings, 8192)
     metrics = metrics or ServerMetrics()
-    worker = Worker(lambda: Engine(vlm.model, vlm.processor, vlm.end_ids, max_batch=max_batch, max_len=context),
+    worker = Worker(lambda: vlm.new_engine(max_batch=max_batch, max_len=context),  # shares vlm.caches
                     metrics.tracker(model_name))
     metrics.watch(model_name, worker)
     created = int(time.time())
@@ -132,7 +132,8 @@ def create_app(vlm, model_name: str, limits: Limits = Limits(), max_batch: int =
     async def health() -> JSONResponse:
         ok = worker.alive
         body = {"status": "ok" if ok else "unavailable", "model": model_name, "max_batch": max_batch,
-                "context": context, **worker.snapshot()}
+                "context": context, **worker.snapshot(),
+                "caches": None if vlm.caches is None else vlm.caches.snapshot()}
         return JSONResponse(body, 200 if ok else 503)
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
@@ -176,13 +177,13 @@ def create_app(vlm, model_name: str, limits: Limits = Limits(), max_batch: int =
 
             async def answer() -> dict:
                 prompt, params = await prepare()
-                text, finish, completion_tokens = "", "stop", 0
+                text, last = "", None
                 async with aclosing(_outputs(worker, request_id, prompt, params)) as outputs:
-                    async for out in outputs:
-                        text += out.text
-                        finish, completion_tokens = out.finish_reason, out.completion_tokens
-                calls = tool_calls(chat, text) if calls_tools(chat) and finish == "stop" else None
-                return protocol.completion(request_id, model_name, text, finish, len(prompt), completion_tokens, calls)
+                    async for last in outputs:
+                        text += last.text
+                calls = tool_calls(chat, text) if calls_tools(chat) and last.finish_reason == "stop" else None
+                return protocol.completion(request_id, model_name, text, last.finish_reason, len(prompt),
+                                           last.completion_tokens, calls, last.cached_tokens)
 
             return JSONResponse(await _unless_disconnected(request, answer(), closing))
         except ClientGone:
@@ -300,7 +301,7 @@ async def _sse(worker: Worker, request_id: str, prompt: Prompt, params: Sampling
                 yield chunk({}, "tool_calls" if calls else out.finish_reason)
                 if with_usage:
                     yield event(protocol.usage_chunk(request_id, model_name, created, len(prompt),
-                                                     out.completion_tokens))
+                                                     out.completion_tokens, out.cached_tokens))
     except APIError as e:  # the status line is gone already: report it in the stream, as OpenAI does
         yield event(e.body())
     yield "data: [DONE]\n\n"

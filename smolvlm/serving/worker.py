@@ -31,6 +31,8 @@ class Metrics:
     finished: int = 0  # requests that ran to the end (aborted ones excluded)
     max_decode_batch: int = 0  # most requests decoded together by one step
     shared_steps: int = 0  # steps that decoded more than one request (continuous batching at work)
+    prompt_tokens: int = 0  # prompt tokens of the finished requests
+    cached_tokens: int = 0  # of those, the ones whose keys/values came from the prefix cache
 
 
 class Worker:
@@ -105,7 +107,7 @@ class Worker:
                     return
                 self.wake.wait()
                 continue
-            decoding = len(self.engine.running)  # the rows this step decodes (this thread alone changes them)
+            decoding = self.engine.decoding  # the rows this step decodes (this thread alone changes them)
             try:
                 outputs = self.engine.step()
             except Exception as e:  # a bug or out of memory: fail this batch, keep serving with a fresh engine
@@ -125,7 +127,11 @@ class Worker:
         m = self.metrics
         m.steps += 1
         m.tokens += len(outputs)
-        m.finished += sum(out.finished for out in outputs)
+        for out in outputs:
+            if out.finished:
+                m.finished += 1
+                m.prompt_tokens += out.prompt_tokens
+                m.cached_tokens += out.cached_tokens
         m.max_decode_batch = max(m.max_decode_batch, decoding)
         m.shared_steps += decoding > 1
         m.running, m.waiting = len(self.engine.running), len(self.engine.waiting)

@@ -7,6 +7,7 @@ import torch
 from tokenizers import Tokenizer
 
 from smolvlm.generation import Engine, Prompt, end_token_ids
+from smolvlm.generation.engine import PREFILL_CHUNK
 from smolvlm.model.vlm import Model
 from tiny import TINY_IMAGE_SEQ_LEN
 
@@ -14,12 +15,13 @@ IMAGE_BLOCK = "<fake_token_around_image><global-img>" + "<image>" * TINY_IMAGE_S
 
 
 class Tiny:
-    """One tiny checkpoint: our model, its tokenizer, the reference model, and prompt / engine builders."""
+    """One tiny checkpoint: our model (fp32, or bf16 fused: the C++ kernels where they run), its tokenizer, the
+    reference model, and prompt / engine builders."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, dtype="float32"):
         self.folder = folder
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        self.model = Model.from_pretrained(folder)
+        self.model = Model.from_pretrained(folder, dtype=dtype, fuse=dtype != "float32")
         self.end_ids = end_token_ids(folder, self.tokenizer)
         self._reference = None
 
@@ -32,18 +34,22 @@ class Tiny:
             self._reference.float().eval()
         return self._reference
 
-    def engine(self, max_batch=4, max_len=512, end_ids=None) -> Engine:
+    def engine(self, max_batch=4, max_len=512, end_ids=None, caches=None, prefill_chunk=PREFILL_CHUNK) -> Engine:
         processor = SimpleNamespace(tokenizer=self.tokenizer, pad_token_id=2)  # all the engine uses of a Processor
-        return Engine(self.model, processor, self.end_ids if end_ids is None else end_ids, max_batch, max_len)
+        end_ids = self.end_ids if end_ids is None else end_ids
+        return Engine(self.model, processor, end_ids, max_batch, max_len, caches, prefill_chunk)
 
-    def prompt(self, text: str, n_images: int = 0, seed: int = 0) -> Prompt:
-        """A chat prompt with `n_images` unsplit images (one 64x64 frame each) of random pixels before the text."""
+    def prompt(self, text: str, n_images: int = 0, seed: int = 0, pixels: torch.Tensor | None = None) -> Prompt:
+        """A chat prompt with `n_images` unsplit images (one 64x64 frame each) of random pixels before the text, or
+        the frames `pixels` [I, 3, 64, 64]."""
+        if pixels is None and n_images:
+            g = torch.Generator().manual_seed(seed)
+            pixels = torch.rand(n_images, 3, 64, 64, generator=g) * 2 - 1
+        n_images = 0 if pixels is None else len(pixels)
         s = f"<|im_start|>User:{IMAGE_BLOCK * n_images}{text}<end_of_utterance>\nAssistant:"
         ids = torch.tensor(self.tokenizer.encode(s).ids)
         if not n_images:
             return Prompt(ids)
-        g = torch.Generator().manual_seed(seed)
-        pixels = torch.rand(n_images, 3, 64, 64, generator=g) * 2 - 1
         return Prompt(ids, pixels, torch.ones(n_images, 64, 64, dtype=torch.long))
 
     def reference_greedy(self, prompts: list[Prompt], max_new_tokens: int) -> list[list[int]]:
@@ -75,6 +81,11 @@ class Tiny:
 @pytest.fixture(scope="session")
 def v2(tiny_v2):
     return Tiny(tiny_v2)
+
+
+@pytest.fixture(scope="session")
+def v2_bf16(tiny_v2):
+    return Tiny(tiny_v2, "bfloat16")
 
 
 @pytest.fixture(scope="session")

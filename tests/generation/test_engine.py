@@ -8,6 +8,7 @@ import torch
 from smolvlm.errors import InputError
 from smolvlm.generation import SamplingParams
 from smolvlm.generation.sampling import Sampler
+from tiny import Recorder
 
 N = 20  # new tokens per parity run
 GREEDY = SamplingParams(max_new_tokens=N)
@@ -44,18 +45,6 @@ def test_batch_matches_reference_left_padded_batch_and_single_runs(family, reque
     assert batch == tiny.reference_greedy(prompts, N)
     assert batch == [tokens(engine, [p])[0] for p in prompts]
     assert len({tuple(t) for t in batch}) == 3
-
-
-class Recorder(Sampler):
-    """The real sampler, keeping the logits of every row it samples (in the order step() reports them)."""
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.logits = []
-
-    def __call__(self, logits, start=0):
-        self.logits += list(logits.float())
-        return super().__call__(logits, start)
 
 
 def test_cached_decoding_gives_full_recomputation_logits_through_joins_and_leaves(v2):

@@ -140,7 +140,7 @@ def test_metrics_scrape_counts_requests_tokens_and_latencies(server):
     assert ("smolvlm_engine_waiting", (("model", "mine"),)) in after  # every served model's engine
     log = server.log.read_text()
     assert "POST /v1/chat/completions 400" in log and "temperature" in log  # the 4xx reason
-    assert "prompt + 5 completion tokens, finish length, first token" in log
+    assert "cached) + 5 completion tokens, finish length, first token" in log
 
 
 def scrape(server) -> dict:

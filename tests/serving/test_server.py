@@ -193,3 +193,15 @@ def test_disconnected_non_streaming_client_frees_its_slot(server):
     assert after["running"] == after["waiting"] == 0
     assert after["finished"] == before["finished"]
     assert after["tokens"] - before["tokens"] < MAX_TOKENS
+
+
+def test_a_repeated_prompt_reports_cached_tokens_and_health_counts_them(server, client):
+    messages = user("Tell me everything about this picture, in detail please.", png_data_url(120, 90, seed=11))
+    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    second = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert 0 < second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+    assert second.choices[0].message.content == first.choices[0].message.content
+    health = httpx.get(f"{server.url}/health").json()
+    assert health["caches"]["prefix"]["reused_tokens"] >= second.usage.prompt_tokens_details.cached_tokens
+    assert health["cached_tokens"] >= second.usage.prompt_tokens_details.cached_tokens

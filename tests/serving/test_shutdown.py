@@ -67,6 +67,9 @@ def test_http_and_file_urls_give_the_data_url_answer(server, image, web, tmp_pat
     path.write_bytes(image[1])
     for url in [f"{web}/cat.png", f"http://localhost:{web.rsplit(':', 1)[1]}/cat.png", path.as_uri()]:
         got = answer(server, url)
+        cached = got["usage"].pop("prompt_tokens_details")["cached_tokens"]  # the same pixels: a prefix cache hit
+        assert 0 < cached < got["usage"]["prompt_tokens"]
+        expected["usage"].pop("prompt_tokens_details", None)
         assert got["choices"] == expected["choices"] and got["usage"] == expected["usage"]
     response = server.chat(messages=user("What is this?", f"{web}/missing.png"))
     assert response.status_code == 400 and "HTTP 404" in response.json()["error"]["message"]

@@ -1,0 +1,53 @@
+"""The caches through the Python API: a `SmolVLM` keeps them across calls (chat turns, repeated images), answers are
+those of `cache_mb=0`, and the cache can be turned off."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import smolvlm
+from smolvlm.errors import InputError
+
+N = 12
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_v2):
+    return smolvlm.load(tiny_v2, progress=False), smolvlm.load(tiny_v2, progress=False, cache_mb=0)
+
+
+def picture(seed, size=(200, 150)):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8))
+
+
+def user(text, *images):
+    return {"role": "user", "content": [*({"type": "image", "image": i} for i in images), {"type": "text", "text": text}]}
+
+
+def test_chat_turns_reuse_earlier_calls_and_answer_as_without_caches(pair):
+    cached, plain = pair
+    assert plain.caches is None
+    history = []
+    for i, question in enumerate(["What is this?", "What colours?", "Anything else?"]):
+        history.append(user(question, picture(1)) if i == 0 else user(question))
+        got, expected = cached.complete(history, max_new_tokens=N), plain.complete(history, max_new_tokens=N)
+        assert got.token_ids == expected.token_ids and expected.cached_tokens == 0
+        assert (got.cached_tokens > 0) == (i > 0)  # the image's tiles and the earlier turns, from the first call on
+        history.append({"role": "assistant", "content": got.text})
+    snapshot = cached.caches.snapshot()
+    assert snapshot["prefix"]["reused_tokens"] > 0 and snapshot["image_features"]["misses"] == 5  # 4 tiles + global
+
+
+def test_a_batch_about_one_image_encodes_it_once_and_streams_agree(pair):
+    cached, plain = pair
+    cached.caches.clear()
+    misses = cached.caches.features.misses
+    batch = [[user(q, picture(2))] for q in ["Describe it.", "Count things.", "Any text?"]]
+    assert cached.generate(batch, max_new_tokens=N) == plain.generate(batch, max_new_tokens=N)
+    assert cached.caches.features.misses - misses == 5
+    assert "".join(cached.stream(batch[1], max_new_tokens=N)) == plain.generate(batch[1], max_new_tokens=N)
+
+
+def test_cache_mb_must_be_a_size(tiny_v2):
+    with pytest.raises(InputError, match="cache_mb"):
+        smolvlm.load(tiny_v2, progress=False, cache_mb=-1)
