@@ -276,10 +276,9 @@ class Engine:
         embeds = self.model.embed(ids, self._image_features(new))  # [k, T, D]
         t = ids.shape[1]
         positions = torch.arange(t, device=self.device).expand(k, t)
-        causal = torch.ones(t, t, dtype=torch.bool, device=self.device).tril()[None, None]  # [1, 1, T, T]
-        hidden = self.model.model.text_model(
-            embeds, positions, attn_mask=causal, cache=self.cache.rows(start), cache_positions=positions
-        )
+        # causal over cache positions (no mask): with the C++ kernels each row attends only its own keys, so its
+        # padding and the other prompts change nothing (batch invariance)
+        hidden = self.model.model.text_model(embeds, positions, cache=self.cache.rows(start), cache_positions=positions)
         last = torch.tensor(lengths, device=self.device) - 1
         hidden = hidden[torch.arange(k, device=self.device), last]  # [k, D]: each prompt's last real token
         for i, r in enumerate(new):

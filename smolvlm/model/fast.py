@@ -81,8 +81,7 @@ class FastLinear(nn.Module):
                 self.weight, self.scale, self.bias = kernels.pack(weight.detach()), weight.new_empty(0).float(), None
             elif kind == "packed_int8":
                 q, scale = kernels.quantize_int8(weight.detach())
-                self.weight, self.bias = kernels.pack(q), None
-                self.scale = torch.cat([scale, scale.new_zeros(self.weight.shape[0] * 16 - len(scale))])
+                self.weight, self.scale, self.bias = kernels.pack(q), kernels.pack_scales(scale), None
             elif kind == "reordered":
                 self.weight, self.bias = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None), bias
             else:
@@ -112,8 +111,7 @@ class FastLinear(nn.Module):
             elif self.kind == "packed":
                 weight = kernels.unpack(weight, self.out_features)
             elif self.kind == "packed_int8":
-                scale = self.scale[: self.out_features, None]
-                weight = (kernels.unpack(weight, self.out_features).float() * scale).to(self.dtype)
+                weight = kernels.dequantize_int8(weight, self.scale, self.out_features).to(self.dtype)
         sizes = list(self.sizes.values())
         if len(sizes) == 1:  # the layer's own tensors (the same Parameters for "view")
             weights, biases = [weight], [bias]
