@@ -21,14 +21,15 @@ import json, sys, time, torch
 from types import SimpleNamespace
 from tokenizers import Tokenizer
 from smolvlm import Model
-from smolvlm.generation import Engine, Prompt, SamplingParams, end_token_ids
-folder, quantize, batch, tokens, reps = sys.argv[1], sys.argv[2] or None, int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+from smolvlm.generation import Engine, Prompt, SamplingParams
+folder, quantize = sys.argv[1], sys.argv[2] or None
+batch, tokens, reps = (int(a) for a in sys.argv[3:6])
 torch.set_num_threads(2)
 tok = Tokenizer.from_file(folder + "/tokenizer.json")
 model = Model.from_pretrained(folder, dtype=torch.bfloat16, fuse=True, quantize=quantize)
 engine = Engine(model, SimpleNamespace(tokenizer=tok, pad_token_id=2), [], max_batch=batch, max_len=256)
-prompts = [Prompt(torch.tensor(tok.encode(f"<|im_start|>User:Tell me story number {i}.<end_of_utterance>\\nAssistant:").ids))
-           for i in range(batch)]
+chat = "<|im_start|>User:Tell me story number {}.<end_of_utterance>\\nAssistant:"
+prompts = [Prompt(torch.tensor(tok.encode(chat.format(i)).ids)) for i in range(batch)]
 params = SamplingParams(max_new_tokens=tokens)
 rates = []
 for rep in range(reps + 1):

@@ -101,7 +101,11 @@ def test_fp32_greedy_answers_are_the_references(real):
 
 
 @pytest.mark.skipif(kernels.load() is None, reason="batch invariance is a property of the C++ kernels")
-@pytest.mark.parametrize("dtype,quantize", [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, "int8")])
+@pytest.mark.parametrize(
+    "dtype,quantize",
+    [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, "int8")],
+    ids=["fp32", "bf16", "int8"],
+)
 def test_a_request_gets_the_same_tokens_in_any_batch(real, dtype, quantize):
     """The same request alone, at slot 1 of 2, at slot 7 of 8 prefilled with 6 others and an image request, and
     prefilled alone while 3 others are decoding: the same tokens (and the image request's alone and in the batch)."""

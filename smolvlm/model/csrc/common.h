@@ -179,7 +179,8 @@ void attend(const float* q, const float* K, const float* V, int64_t len, int64_t
   scores.resize(len);
   for (int64_t j = 0; j < len; ++j) {
     __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < Dh; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps(K + j * Dh + i), acc);
+    for (int64_t i = 0; i < Dh; i += 16)
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps(K + j * Dh + i), acc);
     scores[j] = _mm512_reduce_add_ps(acc);
   }
   const float inv = softmax_numerators(scores.data(), len, scale, nullptr, scores.data());

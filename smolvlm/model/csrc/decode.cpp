@@ -106,8 +106,8 @@ torch::Tensor cached_attention(const torch::Tensor& q, const torch::Tensor& cach
               cache_k.strides() == cache_v.strides() && cache_k.sizes() == cache_v.sizes(),
               "cached_attention: fp32 caches [B, Hkv, S, Dh] with unit stride along Dh");
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), Dh = q.size(3), Hkv = cache_k.size(1), S = cache_k.size(2);
-  TORCH_CHECK(Dh % 16 == 0 && Dh <= 256 && Dh == cache_k.size(3) && H % Hkv == 0 && cache_k.size(0) >= B && pos.size(0) == B &&
-              pos.size(1) == T, "cached_attention: shapes don't match");
+  TORCH_CHECK(Dh % 16 == 0 && Dh <= 256 && Dh == cache_k.size(3) && H % Hkv == 0 && cache_k.size(0) >= B &&
+              pos.size(0) == B && pos.size(1) == T, "cached_attention: shapes don't match");
   const int64_t* P = pos.data_ptr<int64_t>();
   for (int64_t i = 0; i < B * T; ++i)
     TORCH_CHECK(P[i] >= 0 && P[i] < S, "cached_attention: position ", P[i], " is outside the cache's ", S);
@@ -142,7 +142,8 @@ torch::Tensor decode_step(const torch::Tensor& h, const torch::Tensor& pos, cons
                 int64_t(layers.size() / LAYER_TENSORS), cache_k.size(1), cache_k.size(3)};
   TORCH_CHECK(cache_k.scalar_type() == torch::kFloat && cache_k.is_contiguous() && cache_v.is_contiguous(),
               "decode_step: the KV cache must be fp32 and contiguous");
-  TORCH_CHECK(s.Dh % 16 == 0 && s.Dh <= 256 && s.H % s.Hkv == 0 && pos.scalar_type() == torch::kLong, "decode_step: bad shapes");
+  TORCH_CHECK(s.Dh % 16 == 0 && s.Dh <= 256 && s.H % s.Hkv == 0 && pos.scalar_type() == torch::kLong,
+              "decode_step: bad shapes");
   TORCH_CHECK(h.size(0) == pos.numel() && h.size(0) <= s.B && pos.is_contiguous(),
               "decode_step: one contiguous position per row, and no more rows than the cache");
   const int64_t* P = pos.data_ptr<int64_t>();
