@@ -49,8 +49,10 @@ def run(tree: Path, checkpoint: str, quantize: str, batch: int, tokens: int, rep
     code = f"import sys; sys.path.insert(0, {str(tree)!r}); " + CHILD
     out = subprocess.run(
         [sys.executable, "-c", code, checkpoint, quantize, str(batch), str(tokens), str(reps)],
-        capture_output=True, text=True, check=True, cwd=tree,
+        capture_output=True, text=True, cwd=tree,
     )  # fmt: skip
+    if out.returncode:
+        sys.exit(f"{tree}: the benchmark process failed:\n{out.stderr[-2000:]}")
     return statistics.median(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
