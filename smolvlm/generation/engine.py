@@ -311,9 +311,15 @@ class Engine:
         steps = torch.arange(t, device=self.device)
         # [k, T]: padding goes on past the row's end, kept inside the cache (its keys are never attended)
         positions = (torch.tensor(begins, device=self.device)[:, None] + steps).clamp(max=self.max_len - 1)
-        same = len(set(begins)) == 1  # then one mask serves every row
-        mask = torch.arange(max(ends), device=self.device) <= (positions[:1] if same else positions)[:, None, :, None]
-        hidden = self.model.model.text_model(
+        text = self.model.model.text_model
+        if text.use_kernels and self.cache.k.dtype == torch.float32:
+            # causal over cache positions (no mask): the C++ kernels attend each row's own keys 0..position only, so
+            # its padding and the other rows change nothing (batch invariance)
+            mask = None
+        else:  # torch's attention reads keys 0..max(ends)-1 under this mask
+            same = len(set(begins)) == 1  # then one mask serves every row
+            mask = torch.arange(max(ends), device=self.device) <= (positions[:1] if same else positions)[:, None, :, None]
+        hidden = text(
             embeds, positions, attn_mask=mask, cache=self.cache.rows(start), cache_positions=positions
         )  # [k, T, D]; mask [k or 1, 1, T, max(ends)]
         for r, end in chunks:

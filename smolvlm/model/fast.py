@@ -13,8 +13,9 @@ layers for `FastLinear`s, in place:
   pass with the LayerNorm after it.
 - C++ kernels (smolvlm/model/kernels.py, CPUs with AVX512-BF16): the copied weights are instead packed in the
   kernels' layout, which both prefill matmuls and the one-call decode step (`Model.decode`) read.
-- `quantize="int8"`: the text decoder's and lm_head's weights become int8 with one symmetric scale per output
-  channel and read half the bytes of bf16. With the C++ kernels it is weight-only (activations stay bf16); elsewhere
+- `quantize="int8"`: the text decoder's and lm_head's weights become int8 and read half the bytes of bf16. With the
+  C++ kernels it is weight-only (activations stay bf16) with one symmetric scale per row and group of 32 input
+  channels (llama.cpp's Q8_0; per-row scales lost ~5 points of top-1 agreement on real weights); elsewhere
   fbgemm's dynamic-quantized matmul (x86 CPUs) also quantizes each call's activations to 8 bits. Vision and connector
   keep the model's dtype.
 
@@ -56,7 +57,7 @@ class FastLinear(nn.Module):
     over their outputs concatenated.
 
     kind: "packed" / "packed_int8" (CPUs with AVX512-BF16: the C++ kernels' layout, smolvlm/model/kernels.py; int8 is
-    weight-only with per-output-channel scales), "reordered" (CPU: oneDNN blocked copy), "int8" (other x86 CPUs:
+    weight-only with per-group scales), "reordered" (CPU: oneDNN blocked copy), "int8" (other x86 CPUs:
     fbgemm packed int8), "view" (CPU: oneDNN on the layer's own weight, one part), "dense" (F.linear on a concatenated
     copy). activation "gelu_tanh": GELU of the output.
     """
@@ -81,8 +82,7 @@ class FastLinear(nn.Module):
                 self.weight, self.scale, self.bias = kernels.pack(weight.detach()), weight.new_empty(0).float(), None
             elif kind == "packed_int8":
                 q, scale = kernels.quantize_int8(weight.detach())
-                self.weight, self.bias = kernels.pack(q), None
-                self.scale = torch.cat([scale, scale.new_zeros(self.weight.shape[0] * 16 - len(scale))])
+                self.weight, self.scale, self.bias = kernels.pack(q), kernels.pack_scales(scale), None
             elif kind == "reordered":
                 self.weight, self.bias = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None), bias
             else:
@@ -112,8 +112,7 @@ class FastLinear(nn.Module):
             elif self.kind == "packed":
                 weight = kernels.unpack(weight, self.out_features)
             elif self.kind == "packed_int8":
-                scale = self.scale[: self.out_features, None]
-                weight = (kernels.unpack(weight, self.out_features).float() * scale).to(self.dtype)
+                weight = kernels.dequantize_int8(weight, self.scale, self.out_features).to(self.dtype)
         sizes = list(self.sizes.values())
         if len(sizes) == 1:  # the layer's own tensors (the same Parameters for "view")
             weights, biases = [weight], [bias]

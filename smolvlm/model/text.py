@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
+from . import kernels
 from .kv_cache import KVCache
 
 
@@ -88,7 +89,8 @@ class Attention(nn.Module):
         self.qkv_proj = None  # q/k/v as one FastLinear once fused for inference (Model.fuse)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, cache_positions):
-        """x [B, T, D]; cos, sin: the RoPE tables of `rope_tables`; mask: additive [B, 1, T, S] or None (causal)."""
+        """x [B, T, D]; cos, sin: the RoPE tables of `rope_tables`; mask: additive [B, 1, T, S], or None: causal (over
+        cache positions with a cache: then by the C++ kernels)."""
         b, t, _ = x.shape
         h, h_kv = self.n_heads, self.n_kv_heads
         if self.qkv_proj is not None:
@@ -101,6 +103,9 @@ class Attention(nn.Module):
             v = self.v_proj(x).view(b, t, h_kv, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.write(self.layer_idx, k, v, cache_positions)  # [B, H_kv, max_len, Dh]
+            if mask is None:  # the C++ kernels, causal over cache positions (TextModel.forward)
+                out = kernels.cached_attention(q.contiguous(), k, v, cache_positions)  # [B, T, H * Dh]
+                return self.o_proj(out)
             k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]  # the S attended positions
         # Attention runs in the cache's dtype: an fp32 cache on the CPU (the engine's choice) makes batch-1 decoding
         # attention ~9x faster than torch's bf16 CPU kernels, on the same bf16-rounded keys and values.
@@ -148,6 +153,9 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
+        # The C++ kernels' attention for causal steps over an fp32 cache, once fused for inference where they run: each
+        # query attends its own keys 0..position, in an order the batch and its padding don't change.
+        self.use_kernels = False
 
     def forward(
         self,
@@ -168,7 +176,7 @@ class TextModel(nn.Module):
         if cache is not None:
             if cache_positions is None:
                 raise ValueError("text_model: cache_positions [B, T] is required with a cache")
-            if attn_mask is None:
+            if attn_mask is None and not (self.use_kernels and cache.k.dtype == torch.float32):
                 keys = torch.arange(cache.max_len, device=cache_positions.device)
                 attn_mask = keys <= cache_positions[:, None, :, None]  # [B, 1, T, max_len]
         attn_dtype = dtype if cache is None else cache.k.dtype  # attention runs in the cache's dtype

@@ -5,7 +5,8 @@
 // is one contiguous stream:
 //   bf16 W [N, K] -> [N/16, K/2, 16, 2]: per pair of input channels, the 16 rows' two weights (VDPBF16PS's operand).
 //   fp32 W [N, K] -> [N/16, K, 16].
-//   int8 W [N, K] -> the bf16 layout, with fp32 scales [N] (weight-only quantization: activations stay bf16).
+//   int8 W [N, K] -> the bf16 layout, with fp32 scales [N/16, ceil(K/GROUP), 16], one per row and group of GROUP
+//   input channels (weight-only quantization: activations stay bf16).
 // Rounding follows the plain torch path op by op (each bf16 op rounds its fp32 result to nearest-even), so the
 // results differ from it only by summation order.
 #pragma once
@@ -56,40 +57,49 @@ inline __m512bh weights32(const int8_t* q) {
   return _mm512_cvtne2ps_pbh(hi, lo);
 }
 
-// y[m, 0:16] = (x[m, :] . W-block) * scale for MT rows of bf16 x (scale: per output row, or null), W bf16 or int8
-// (converted once per 32 weights for all MT rows). Rows <= 2 keep two accumulators each (even/odd k) to hide the
-// multiply-add latency; more rows already give enough independent chains.
+// Batch invariance: every row's sum runs in one order fixed by K alone (two accumulators, even and odd input pairs,
+// added at the end; for int8 per group of GROUP inputs, each group's sum scaled and added to the row's total in
+// order), never by how many rows share the tile (MT), so a row's result doesn't depend on its batch.
+constexpr int64_t GROUP = 32;  // int8 weights: one scale per 32 input channels of each row (llama.cpp's Q8_0)
+
+// y[m, 0:16] = x[m, :] . W-block for MT rows of bf16 x, W bf16 or int8 (converted once per 32 weights for all MT
+// rows). scale: null, or the block's int8 group scales [ceil(K / GROUP), 16].
 template <int MT, typename W, typename O>
 void tile(const bf16* x, int64_t ldx, const W* w, int64_t K, O* y, int64_t ldy, __mmask16 mask, const float* scale) {
-  constexpr int U = MT <= 2 ? 2 : 1;
-  __m512 acc[MT][U];
-  for (int m = 0; m < MT; ++m) for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
-  const int64_t K2 = K / 2;
-  for (int64_t k = 0; k < K2; k += U)
-    for (int u = 0; u < U && k + u < K2; ++u) {
-      const __m512bh wv = weights32(w + (k + u) * 32);
-      for (int m = 0; m < MT; ++m) {
-        uint32_t pair; std::memcpy(&pair, x + m * ldx + 2 * (k + u), 4);
-        acc[m][u] = _mm512_dpbf16_ps(acc[m][u], wv, (__m512bh)_mm512_set1_epi32(pair));
-      }
+  __m512 total[MT], acc[MT][2];
+  const int64_t K2 = K / 2, step = scale ? GROUP / 2 : K2;  // input pairs per group
+  auto dot = [&](int u, int64_t k) {
+    const __m512bh wv = weights32(w + k * 32);
+    for (int m = 0; m < MT; ++m) {
+      uint32_t pair; std::memcpy(&pair, x + m * ldx + 2 * k, 4);
+      acc[m][u] = _mm512_dpbf16_ps(acc[m][u], wv, (__m512bh)_mm512_set1_epi32(pair));
     }
-  for (int m = 0; m < MT; ++m) {
-    __m512 s = U == 2 ? _mm512_add_ps(acc[m][0], acc[m][U - 1]) : acc[m][0];
-    store16(y + m * ldy, scale ? _mm512_mul_ps(s, _mm512_maskz_loadu_ps(mask, scale)) : s, mask);
+  };
+  for (int m = 0; m < MT; ++m) total[m] = _mm512_setzero_ps();
+  for (int64_t g0 = 0; g0 < K2; g0 += step) {
+    const int64_t g1 = std::min(K2, g0 + step);
+    for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    int64_t k = g0;
+    for (; k + 1 < g1; k += 2) dot(0, k), dot(1, k + 1);
+    if (k < g1) dot(0, k);
+    const __m512 s = scale ? _mm512_loadu_ps(scale + g0 / step * 16) : _mm512_set1_ps(1.0f);
+    for (int m = 0; m < MT; ++m)
+      total[m] = scale ? _mm512_fmadd_ps(_mm512_add_ps(acc[m][0], acc[m][1]), s, total[m])
+                       : _mm512_add_ps(acc[m][0], acc[m][1]);
   }
+  for (int m = 0; m < MT; ++m) store16(y + m * ldy, total[m], mask);
 }
 
 template <int MT, typename O>
 void tile(const float* x, int64_t ldx, const float* w, int64_t K, O* y, int64_t ldy, __mmask16 mask, const float*) {
-  constexpr int U = MT <= 2 ? 2 : 1;
-  __m512 acc[MT][U];
-  for (int m = 0; m < MT; ++m) for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += U)
-    for (int u = 0; u < U && k + u < K; ++u) {
+  __m512 acc[MT][2];
+  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 2)
+    for (int u = 0; u < 2 && k + u < K; ++u) {
       __m512 wv = _mm512_loadu_ps(w + (k + u) * 16);
       for (int m = 0; m < MT; ++m) acc[m][u] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[m * ldx + k + u]), acc[m][u]);
     }
-  for (int m = 0; m < MT; ++m) store16(y + m * ldy, U == 2 ? _mm512_add_ps(acc[m][0], acc[m][U - 1]) : acc[m][0], mask);
+  for (int m = 0; m < MT; ++m) store16(y + m * ldy, _mm512_add_ps(acc[m][0], acc[m][1]), mask);
 }
 constexpr int64_t MT_MAX = 8;  // rows of x per register tile
 constexpr int64_t M_CHUNK = 128;  // rows of x per pass over the weights (their rows stay in L2 across the N blocks)
@@ -112,7 +122,7 @@ void tiles(const X* x, int64_t ldx, const W* w, int64_t K, O* y, int64_t ldy, in
 template <typename T>
 T* ptr(const torch::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
 
-// A packed weight: bf16/fp32, or int8 with fp32 scales [NB * 16] (per output row).
+// A packed weight: bf16/fp32, or int8 with fp32 group scales [NB, ceil(K / GROUP), 16].
 struct Weight {
   torch::Tensor w, scale;
   bool int8() const { return w.scalar_type() == torch::kChar; }
@@ -159,6 +169,30 @@ float softmax_numerators(float* s, int64_t len, float scale, const float* mask, 
   return 1.0f / _mm512_reduce_add_ps(sum);
 }
 
+// One query's attention over keys 0..len-1 of a cached head: dst[0:Dh] = softmax(q . k_j * scale) . v_j, with q [Dh]
+// fp32 and K, V [len, Dh] fp32 rows. The decode step and the prefill (cached_attention) both run this, per query
+// and head, so a token's attention is the same whatever the batch, the padding, or whether it was prefilled or
+// decoded.
+template <typename T>
+void attend(const float* q, const float* K, const float* V, int64_t len, int64_t Dh, float scale,
+            std::vector<float>& scores, T* dst) {
+  scores.resize(len);
+  for (int64_t j = 0; j < len; ++j) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < Dh; i += 16)
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps(K + j * Dh + i), acc);
+    scores[j] = _mm512_reduce_add_ps(acc);
+  }
+  const float inv = softmax_numerators(scores.data(), len, scale, nullptr, scores.data());
+  __m512 out[16];  // Dh <= 256
+  for (int64_t i = 0; i < Dh / 16; ++i) out[i] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < len; ++j) {
+    const __m512 p = _mm512_set1_ps(scores[j]);
+    for (int64_t i = 0; i < Dh / 16; ++i) out[i] = _mm512_fmadd_ps(p, _mm512_loadu_ps(V + j * Dh + 16 * i), out[i]);
+  }
+  for (int64_t i = 0; i < Dh / 16; ++i) store16(dst + 16 * i, _mm512_mul_ps(out[i], _mm512_set1_ps(inv)), 0xffff);
+}
+
 // y [M, N] (fp32, row stride ldy) = x [M, K] (row stride ldx) @ W^T for W packed, on this thread.
 template <typename T>
 void matmul_serial(const T* x, int64_t ldx, int64_t M, int64_t K, const T* w, int64_t N, float* y, int64_t ldy) {
@@ -175,6 +209,8 @@ torch::Tensor vision_attention(const torch::Tensor& q, const torch::Tensor& k, c
                                const torch::Tensor& mask, int64_t n_heads);
 std::vector<torch::Tensor> add_layer_norm(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& weight,
                                           const torch::Tensor& bias, double eps);
+torch::Tensor cached_attention(const torch::Tensor& q, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
+                               const torch::Tensor& pos);
 torch::Tensor decode_step(const torch::Tensor& h, const torch::Tensor& pos, const std::vector<torch::Tensor>& layers,
                           const torch::Tensor& norm, const torch::Tensor& lm_head, const torch::Tensor& lm_head_scale,
                           const torch::Tensor& inv_freq, torch::Tensor cache_k, torch::Tensor cache_v, int64_t n_heads,

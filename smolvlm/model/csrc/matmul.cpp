@@ -16,6 +16,7 @@ template <typename X, typename O>
 void matmul(const X* x, int64_t M, int64_t K, const Weight& W, O* y, int64_t N) {
   const int64_t NB = W.w.size(0), block = 16 * K;  // elements per packed block
   const float* scale = W.int8() ? W.scale.data_ptr<float>() : nullptr;
+  const int64_t scales = (K + GROUP - 1) / GROUP * 16;  // int8: group scales per packed block
   for (int64_t m0 = 0; m0 < M; m0 += M_CHUNK) {
     const int64_t mc = std::min(M_CHUNK, M - m0);
     at::parallel_for(0, NB, 1, [&](int64_t b, int64_t e) {
@@ -27,7 +28,7 @@ void matmul(const X* x, int64_t M, int64_t K, const Weight& W, O* y, int64_t N) 
         auto run = [&](const auto* wb) {
           for (int64_t m = 0; m < mc; m += MT_MAX)
             tiles(x + (m0 + m) * K, K, wb, K, y + (m0 + m) * N + n0, N, std::min(MT_MAX, mc - m), mask,
-                  scale ? scale + n0 : nullptr);
+                  scale ? scale + nb * scales : nullptr);
         };
         if constexpr (std::is_same_v<X, bf16>) {
           if (scale && buffer.empty()) { run(ptr<int8_t>(W.w) + nb * block); continue; }
@@ -49,6 +50,8 @@ torch::Tensor linear(const torch::Tensor& x, const Weight& W, int64_t N) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "linear: x must be [M, K] and contiguous");
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(W.w.numel() == W.w.size(0) * 16 * K && N <= 16 * W.w.size(0), "linear: packed weight doesn't match x");
+  TORCH_CHECK(!W.int8() || W.scale.numel() == W.w.size(0) * ((K + GROUP - 1) / GROUP) * 16,
+              "linear: int8 weight needs [blocks, ceil(K / ", GROUP, "), 16] scales");
   auto y = torch::empty({M, N}, x.options());
   if (W.int8()) {  // bf16 activations (an fp32 x is rounded to bf16), output in x's dtype
     auto xb = x.to(torch::kBFloat16);

@@ -9,6 +9,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "y [M, N] = x [M, K] @ W^T with W packed (int8 W: with its per-row scales)");
   m.def("add_layer_norm", &smolvlm::add_layer_norm, "(x + y, LayerNorm(x + y)): a residual add and the next norm");
   m.def("vision_attention", &smolvlm::vision_attention, "bidirectional attention [B, L, H * Dh] (the vision tower's)");
+  m.def("cached_attention", &smolvlm::cached_attention,
+        "causal attention of q [B, H, T, Dh] over the cache rows' keys 0..pos[b, t] (the prefill's)");
   m.def("decode_step", &smolvlm::decode_step, "logits [n, V] of one decode step (see decode)");
 }
 
