@@ -31,7 +31,7 @@ COMMANDS = [
 def model_options(parser: argparse.ArgumentParser) -> None:
     """--model, --adapter, --revision, --dtype, --quantize, --device: shared by every command that loads a model."""
     from .hub import DEFAULT_MODEL
-    from .generation.caches import DEFAULT_CACHE_MB
+    from .defaults import DEFAULT_CACHE_MB
 
     parser.add_argument("--model", "-m", default=os.environ.get("SMOLVLM_MODEL") or DEFAULT_MODEL,
                         help="checkpoint folder, hub repo id, or a LoRA adapter folder (its base model comes from its "

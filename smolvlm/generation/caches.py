@@ -8,10 +8,10 @@ an earlier one.
 
 from __future__ import annotations
 
+from ..defaults import DEFAULT_CACHE_MB
 from .feature_cache import LRU
 from .prefix_cache import PrefixCache
 
-DEFAULT_CACHE_MB = 256
 MiB = 1 << 20
 
 
