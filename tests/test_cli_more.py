@@ -86,6 +86,7 @@ class Terminal:
                     self.screen += os.read(self.fd, 4096).decode(errors="replace")
                 except OSError:  # the child has exited
                     break
+        assert text in self.screen, f"{text!r} never appeared (the chat exited); the screen:\n{self.screen}"
         return self.screen
 
     def exit_code(self, timeout: float = 30) -> int:
@@ -113,8 +114,13 @@ def test_chat_on_a_terminal(tiny_v2, tmp_path):
     term.type(f"/image {image}\n")
     term.wait_for("attached to your next message")
     term.type("Describe it at length\n")
-    time.sleep(1.5)  # the answer streams (100000 tokens would take minutes)
-    term.type("\x03")  # Ctrl-C: stops the answer, not the chat
+    shown = len(term.wait_for("Describe it at length\r\n"))
+    deadline = time.monotonic() + 60
+    while len(term.screen) < shown + 40:  # some of the answer has streamed (it would run until the context is full)
+        assert time.monotonic() < deadline, term.screen
+        if select.select([term.fd], [], [], 0.1)[0]:
+            term.screen += os.read(term.fd, 4096).decode(errors="replace")
+    term.type("\x03")  # Ctrl-C while it streams: stops the answer, not the chat
     term.wait_for("(answer stopped)")
     term.type(f"/video {tmp_path / 'clip.mp4'}\n")
     term.wait_for("/reset first")
