@@ -41,21 +41,21 @@ def model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's own)")
     parser.add_argument("--quantize", choices=["int8"], help="int8: int8 text-decoder weights, faster CPU decoding")
     parser.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available, else cpu)")
-    parser.add_argument("--cache-mb", type=float, default=DEFAULT_CACHE_MB,
+    parser.add_argument("--cache-mb", type=positive(float, zero=True), default=DEFAULT_CACHE_MB,
                         help="memory for the image-feature and prompt (KV prefix) caches; 0 turns them off "
                              "(default: %(default)s)")
 
 
-def positive(kind):
-    """An argparse type: a number of `kind` above 0."""
+def positive(kind, zero: bool = False):
+    """An argparse type: a number of `kind` above 0 (or 0 too, with `zero`)."""
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__} > 0, got {text!r}")
+        if value is None or not (value >= 0 if zero else value > 0):
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__} {'>=' if zero else '>'} 0, got {text!r}")
         return value
 
     return parse

@@ -51,3 +51,18 @@ def test_a_batch_about_one_image_encodes_it_once_and_streams_agree(pair):
 def test_cache_mb_must_be_a_size(tiny_v2):
     with pytest.raises(InputError, match="cache_mb"):
         smolvlm.load(tiny_v2, progress=False, cache_mb=-1)
+
+
+def test_a_video_chat_answers_as_without_caches(pair, tmp_path):
+    """A video's frames are image frames to the caches: the second turn reuses them and the first turn's answer."""
+    from video_files import SPECS, make_video
+
+    cached, plain = pair
+    video = make_video(tmp_path / "clock.mp4", SPECS["clock_25fps_4s.mp4"])
+    history = [{"role": "user", "content": [{"type": "video", "video": str(video)},
+                                            {"type": "text", "text": "What happens?"}]}]
+    for i in range(2):
+        got, expected = cached.complete(history, max_new_tokens=N), plain.complete(history, max_new_tokens=N)
+        assert got.token_ids == expected.token_ids
+        assert (got.cached_tokens > 0) == (i > 0)
+        history += [{"role": "assistant", "content": got.text}, user("And then?")]

@@ -52,6 +52,8 @@ def test_cheap_errors_come_before_the_model_loads(tmp_path):
     assert time.perf_counter() - started < 30
     usage = run("generate", "--fps", "0", "hi")
     assert usage.returncode == 2 and "--fps" in usage.stderr  # argparse's usage errors exit 2 (README)
+    usage = run("chat", "--cache-mb", "-1")
+    assert usage.returncode == 2 and "--cache-mb: expected a float >= 0, got '-1'" in usage.stderr
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")

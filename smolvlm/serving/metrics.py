@@ -25,7 +25,7 @@ from ..generation import StepOutput
 log = logging.getLogger("smolvlm.serving")
 
 ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics", "/tokenize", "/detokenize")  # other: "other"
-GAUGES = ("running", "waiting", "max_decode_batch")  # Worker.metrics fields that go up and down
+GAUGES = ("running", "waiting", "max_decode_batch", "cache_bytes")  # Worker.metrics fields that go up and down
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80)  # seconds: a 13-tile photo on a CPU takes ~10 s
 ITL_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.1, 0.2, 0.5, 1, 2)
 

@@ -33,6 +33,9 @@ class Metrics:
     shared_steps: int = 0  # steps that decoded more than one request (continuous batching at work)
     prompt_tokens: int = 0  # prompt tokens of the finished requests
     cached_tokens: int = 0  # of those, the ones whose keys/values came from the prefix cache
+    image_cache_hits: int = 0  # image frames whose features came from the feature cache (the model's engines)
+    image_cache_misses: int = 0  # image frames encoded
+    cache_bytes: int = 0  # held by the prefix and image-feature caches now
 
 
 class Worker:
@@ -135,6 +138,10 @@ class Worker:
         m.max_decode_batch = max(m.max_decode_batch, decoding)
         m.shared_steps += decoding > 1
         m.running, m.waiting = len(self.engine.running), len(self.engine.waiting)
+        caches = self.engine.caches
+        if caches is not None:
+            m.image_cache_hits, m.image_cache_misses = caches.features.hits, caches.features.misses
+            m.cache_bytes = caches.features.bytes + caches.prefix.blocks.bytes
 
     def _reset(self, error: Exception) -> None:
         with self.lock:

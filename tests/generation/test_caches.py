@@ -182,3 +182,32 @@ def test_chunks_and_caches_together_in_a_mixed_batch(tiny):
     expected = [plain.generate([p], q)[0].token_ids for p, q in zip(prompts, params)]
     assert ours == expected and again == expected
     assert caches.prefix.reused > 0 and caches.features.hits > 0
+
+
+def test_requests_added_from_other_threads_while_steps_store_and_load_blocks(v2):
+    """A server's handlers hash and queue requests in their threads while the loop thread stores and copies blocks
+    (and evicts: the budget holds 3 blocks, about one prompt): every output is the one without caches."""
+    import threading
+
+    block_bytes = 2 * v2.engine().cache.k[:, 0, :, :BLOCK].numel() * v2.model.dtype.itemsize
+    caches = Caches(3 * block_bytes / (1 << 20) * 8 / 7)  # ~3 KV blocks
+    engine = v2.engine(max_batch=3, caches=caches, prefill_chunk=32)
+    prompts = [v2.prompt(f"Question {i % 2} about these?", n_images=4 + i % 2, seed=i % 2) for i in range(9)]
+    ids: list[str] = []
+
+    def add(part):
+        for i in part:
+            ids.append(engine.add_request(prompts[i], GREEDY, request_id=f"q{i}"))
+
+    threads = [threading.Thread(target=add, args=(range(k, 9, 3),)) for k in range(3)]
+    for t in threads:
+        t.start()
+    got = {f"q{i}": [] for i in range(9)}
+    while any(t.is_alive() for t in threads) or engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id] += out.token_ids
+    plain = v2.engine(max_batch=1)
+    assert sorted(ids) == sorted(got)
+    assert [got[f"q{i}"] for i in range(9)] == [results(plain, [p])[0].token_ids for p in prompts]
+    assert caches.prefix.queried > 0 and caches.prefix.blocks.evictions > 0  # looked up, stored, evicted
+    assert caches.prefix.blocks.bytes <= caches.prefix.blocks.max_bytes

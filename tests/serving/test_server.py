@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from server_process import CONTEXT, KEY, MAX_TOKENS, MODEL, data_url, exif_jpeg_data_url, png_data_url, user
 from smolvlm.generation import prepare
@@ -205,3 +206,9 @@ def test_a_repeated_prompt_reports_cached_tokens_and_health_counts_them(server, 
     health = httpx.get(f"{server.url}/health").json()
     assert health["caches"]["prefix"]["reused_tokens"] >= second.usage.prompt_tokens_details.cached_tokens
     assert health["cached_tokens"] >= second.usage.prompt_tokens_details.cached_tokens
+    metrics = {s.name: s.value for family in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)
+               for s in family.samples if s.labels.get("model") == MODEL}
+    assert metrics["smolvlm_engine_cached_tokens_total"] == health["cached_tokens"]
+    assert metrics["smolvlm_engine_image_cache_misses_total"] == health["caches"]["image_features"]["misses"] >= 1
+    caches = health["caches"]
+    assert metrics["smolvlm_engine_cache_bytes"] == caches["prefix"]["bytes"] + caches["image_features"]["bytes"] > 0
