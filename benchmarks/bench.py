@@ -306,7 +306,7 @@ def ratio_cell(results, name, metric) -> str:
         bound, kind = SELF_TARGETS[name, metric]
         met = ours >= bound if kind == "min" else ours <= bound
         return f"{'≥' if kind == 'min' else '≤'}{bound} {'met' if met else 'NOT met'}"
-    if ours is None or ref is None:
+    if ours is None or not ref:  # no baseline (the reference caches no prompt tokens: 0)
         return ""
     cell = f"x{ours / ref:.2f}"
     if target:
