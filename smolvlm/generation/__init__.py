@@ -1,7 +1,8 @@
 """Generation: the engine (continuous batching over KV-cache slots), the sampler and the incremental detokenizer."""
 
 from .caches import Caches
-from .engine import Engine, GenerationResult, Prompt, StepOutput, end_token_ids, prepare, prepare_all
+from .engine import Engine, GenerationResult, StepOutput
+from .prompt import Prompt, end_token_ids, prepare, prepare_all
 from .sampling import SamplingParams
 
 __all__ = [

@@ -1,7 +1,7 @@
 """The generation engine: continuous batching over the rows ("slots") of one preallocated KV cache, with prefix and
 image-feature caches and chunked prefill.
 
-Layout. engine.py: the public Engine and the life of a request; scheduler.py: the waiting queue, admission and each
+Layout. engine.py: the public Engine and the life of a request; prompt.py: a request's inputs; scheduler.py: the waiting queue, admission and each
 step's prefill budget; prefix_cache.py: hashed KV blocks of earlier sequences; feature_cache.py: image features by
 pixel content (caches.py holds both for all the engines of one model). Requests occupy cache rows 0..n-1, each
 right-aligned at its own positions 0..len-1 (no left padding), so RoPE positions are cache positions and a row's
@@ -27,37 +27,23 @@ admission and exit, never in the decode step.
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError, InputError
+from ..errors import InputError
 from ..model.kv_cache import KVCache
 from .caches import Caches
 from .constraints import grammars_for
 from .detokenizer import Detokenizer
 from .feature_cache import chunk_features, frame_keys, ready
 from .prefix_cache import BLOCK, extend_keys
+from .prompt import Prompt, prepare
 from .sampling import Sampler, SamplingParams
 from .scheduler import Request, Scheduler
 
-END_OF_UTTERANCE = "<end_of_utterance>"
 KEY_BLOCK = 64  # decode attends a multiple of this many key positions
 PREFILL_CHUNK = 128  # prompt tokens prefilled per step while other requests decode (scheduler.py)
-
-
-@dataclass
-class Prompt:
-    """Model inputs of one conversation: input_ids [T], and its image frames [I, 3, H, W] / [I, H, W] if any."""
-
-    input_ids: torch.Tensor
-    pixel_values: torch.Tensor | None = None
-    pixel_attention_mask: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
 
 
 @dataclass
@@ -92,41 +78,6 @@ class GenerationResult:
     cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
 
 
-def prepare(processor, messages, **options) -> Prompt:
-    """Chat-template and tokenize one conversation, loading and splitting its images. `options` go to the processor
-    (per-call settings such as fps, max_frames, do_image_splitting)."""
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **options)
-    pixel_values = inputs.get("pixel_values")
-    return Prompt(
-        inputs["input_ids"][0],
-        None if pixel_values is None else pixel_values[0],
-        None if pixel_values is None else inputs["pixel_attention_mask"][0],
-    )
-
-
-def prepare_all(processor, conversations: list, **options) -> list[Prompt]:
-    """`prepare` for each conversation; Prompts pass through. One at a time: preparing in threads (Pillow releases
-    the GIL) took 8 one-tile conversations from 0.76 to 0.41 s on 2 cores, but the threads' malloc arenas kept
-    45-85 MB more at the peak of a batch, level with the reference's peak."""
-    return [item if isinstance(item, Prompt) else prepare(processor, item, **options) for item in conversations]
-
-
-def end_token_ids(folder: str | Path, tokenizer) -> list[int]:
-    """The ids that end an answer: generation_config.json's eos_token_id (int or list) plus <end_of_utterance>."""
-    ids = [tokenizer.token_to_id(END_OF_UTTERANCE)]
-    path = Path(folder) / "generation_config.json"
-    if path.is_file():
-        try:
-            eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-            raise ConfigError(f"{path}: not a valid JSON object ({e})") from e
-        eos = eos if isinstance(eos, list) else [eos]
-        if not all(i is None or (isinstance(i, int) and not isinstance(i, bool)) for i in eos):
-            raise ConfigError(f"{path}: field 'eos_token_id' = {eos!r}: expected an integer or a list of integers")
-        ids += eos
-    return sorted({i for i in ids if i is not None})
-
-
 class Engine:
     """`caches`: the prefix and image-feature caches to use and fill (None: none). `prefill_chunk`: prompt tokens
     prefilled per step while other requests are decoding (scheduler.py; None: whole prompts at once)."""
@@ -159,10 +110,6 @@ class Engine:
     @property
     def max_batch(self) -> int:
         return self.cache.max_batch
-
-    @property
-    def waiting(self):
-        return self.scheduler.waiting
 
     # ---- hand-off (any thread) ----
 

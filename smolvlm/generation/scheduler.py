@@ -33,7 +33,7 @@ SHARE_BLOCKS = 4  # shared prefix blocks that make a request wait for another on
 @dataclass
 class Request:
     id: str
-    prompt: "Prompt"  # noqa: F821 (engine.Prompt)
+    prompt: "Prompt"  # noqa: F821 (prompt.Prompt)
     params: SamplingParams
     detok: Detokenizer
     output_ids: list[int] = field(default_factory=list)
