@@ -1,10 +1,11 @@
 """Decode speed of two checkouts of smolvlm (e.g. main and a branch: their C++ kernels are each built for their own
 source folder) on the same checkpoint, in one run: bf16 and int8, batch 1 and 8, alternating the two sides.
 
-    python benchmarks/decode_ab.py /work/main . --checkpoint FOLDER [--tokens 64 --reps 3]
+    python benchmarks/decode_ab.py /work/main . --checkpoint FOLDER [--tokens 64 --reps 3 --rounds 3]
 
-Each (side, dtype, batch) runs in a fresh process with that checkout first on sys.path; it prints the median decode
-tok/s (all rows) of `--reps` timed runs after one warm-up, and the ratio of the second side to the first.
+Each (side, dtype, batch) runs in fresh processes with that checkout first on sys.path, `--rounds` times alternating
+the sides (so a burst of load elsewhere hits both); it prints the median decode tok/s (all rows) over the rounds'
+`--reps` timed runs after one warm-up each, and the ratio of the second side to the first.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ print(json.dumps(rates))
 """
 
 
-def run(tree: Path, checkpoint: str, quantize: str, batch: int, tokens: int, reps: int) -> float:
+def run(tree: Path, checkpoint: str, quantize: str, batch: int, tokens: int, reps: int) -> list[float]:
     code = f"import sys; sys.path.insert(0, {str(tree)!r}); " + CHILD
     out = subprocess.run(
         [sys.executable, "-c", code, checkpoint, quantize, str(batch), str(tokens), str(reps)],
@@ -53,7 +54,7 @@ def run(tree: Path, checkpoint: str, quantize: str, batch: int, tokens: int, rep
     )  # fmt: skip
     if out.returncode:
         sys.exit(f"{tree}: the benchmark process failed:\n{out.stderr[-2000:]}")
-    return statistics.median(json.loads(out.stdout.strip().splitlines()[-1]))
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -63,12 +64,16 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     print(f"| workload | {args.first} tok/s | {args.second} tok/s | ratio |\n| --- | --- | --- | --- |")
     for quantize in ("", "int8"):
         for batch in (1, 8):
-            a, b = (run(t.resolve(), args.checkpoint, quantize, batch, args.tokens, args.reps)
-                    for t in (args.first, args.second))  # fmt: skip
+            rates = {args.first: [], args.second: []}
+            for _ in range(args.rounds):
+                for tree in rates:
+                    rates[tree] += run(tree.resolve(), args.checkpoint, quantize, batch, args.tokens, args.reps)
+            a, b = (statistics.median(r) for r in rates.values())
             name = f"{quantize or 'bf16'}, batch {batch}"
             print(f"| {name} | {a:.1f} | {b:.1f} | x{b / a:.3f} |", flush=True)
 

@@ -14,10 +14,13 @@ layers for `FastLinear`s, in place:
 - C++ kernels (smolvlm/model/kernels.py, CPUs with AVX512-BF16): the copied weights are instead packed in the
   kernels' layout, which both prefill matmuls and the one-call decode step (`Model.decode`) read.
 - `quantize="int8"`: the text decoder's and lm_head's weights become int8 and read half the bytes of bf16. With the
-  C++ kernels it is weight-only (activations stay bf16) with one symmetric scale per row and group of 32 input
-  channels (llama.cpp's Q8_0; per-row scales lost ~5 points of top-1 agreement on real weights); elsewhere
-  fbgemm's dynamic-quantized matmul (x86 CPUs) also quantizes each call's activations to 8 bits. Vision and connector
-  keep the model's dtype.
+  C++ kernels it is weight-only (the products run on bf16-rounded activations) with one symmetric scale per row and
+  group of 32 input channels (llama.cpp's Q8_0; per-row scales lost ~5 points of top-1 agreement on real weights);
+  elsewhere fbgemm's dynamic-quantized matmul (x86 CPUs) also quantizes each call's activations to 8 bits. The int8
+  decoder's hidden states, norms and attention run in fp32 whatever the model's dtype: on a bf16 model, int8's weight
+  error on top of bf16 rounding between the matmuls cost 1.4 points of top-1 agreement on real weights, and the
+  activations are a few KB per token against the MBs of weights a step reads. Vision and connector keep the model's
+  dtype.
 
 The copies are made one layer at a time, so memory never holds two copies of the model; `from_pretrained` reads the
 weights it copies through their own short-lived file mapping, so the checkpoint's pages don't stay resident beside them.
@@ -221,6 +224,14 @@ def fuse(model: nn.Module, quantize: str | None = None, read: Callable[[list[str
             setattr(module, attr, fast)
         if hasattr(module, "use_kernels"):  # the vision tower's attention and norms: the C++ kernels where they run
             module.use_kernels = kernels.runs(next(module.parameters()))
+    if quantize:  # an int8 decoder computes in fp32 (the module docstring): TextModel runs in its norms' dtype
+        _text_norms(model, torch.float32)
+
+
+def _text_norms(model: nn.Module, dtype: torch.dtype) -> None:
+    for module in model.model.text_model.modules():
+        if type(module).__name__ == "RMSNorm":
+            module.to(dtype)
 
 
 def unfuse(model: nn.Module) -> None:
@@ -235,6 +246,7 @@ def unfuse(model: nn.Module) -> None:
                     setattr(module, name, layer)
     if model.config.tie_word_embeddings:  # a fused lm_head held its own copy of the embedding matrix
         model.lm_head.weight = model.model.text_model.embed_tokens.weight
+    _text_norms(model, model.model.text_model.embed_tokens.weight.dtype)  # back from an int8 model's fp32
 
 
 def is_fused(model: nn.Module) -> bool:

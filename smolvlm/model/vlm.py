@@ -171,7 +171,8 @@ class Model(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """[B, T, D_t] token embeddings with `image_features` rows scattered, in order, into the `<image>` positions."""
-        embeds = self.model.text_model.embed_tokens(input_ids)
+        text = self.model.text_model
+        embeds = text.embed_tokens(input_ids).to(text.norm.weight.dtype)  # the decoder's compute dtype (fast.py)
         if image_features is None:
             return embeds
         is_image = input_ids == self.config.image_token_id

@@ -145,9 +145,9 @@ def agreement(logits: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
 
 def test_bf16_and_int8_keep_the_reference_fp32_answers_teacher_forced(real):
     """Top-1 agreement with the reference's fp32 logits: our bf16 no worse than the reference's own bf16 minus one
-    point; int8 on an fp32 model no worse than our bf16 minus one point, on a bf16 model minus two (measured: 97.4%
-    reference bf16, 97.9% ours, 97.9% int8 on fp32, 96.5% int8 on bf16; per-row int8 scales gave 92-93%). int8's
-    weight error (0.55% relative with a scale per 32 weights, bf16's 0.13%) adds to a bf16 model's own rounding."""
+    point, int8 (on an fp32 and on a bf16 model) no worse than our bf16 minus one point (measured: 97.4% reference
+    bf16, 97.9% ours, 97.9% int8 on fp32, 98.1% int8 on bf16; per-row int8 scales gave 92-93%, and a bf16 model's
+    int8 decoder computing in bf16 instead of fp32 96.5%)."""
     ids = torch.tensor(real.tokenizer.encode(TEXT).ids)[None]
     assert 450 <= ids.shape[1] <= 700
     scores = {}
@@ -169,5 +169,5 @@ def test_bf16_and_int8_keep_the_reference_fp32_answers_teacher_forced(real):
     print("teacher-forced top-1 agreement, max |logit error| vs reference fp32:", scores)
     assert scores["bf16"][0] >= scores["reference bf16"][0] - 0.01
     assert scores["int8 fp32"][0] >= scores["bf16"][0] - 0.01
-    assert scores["int8 bf16"][0] >= scores["bf16"][0] - 0.02
+    assert scores["int8 bf16"][0] >= scores["bf16"][0] - 0.01
     assert scores["int8 bf16"][1] < 2 * scores["reference bf16"][1]
