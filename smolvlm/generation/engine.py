@@ -35,6 +35,7 @@ from ..errors import InputError
 from ..model.kv_cache import KVCache
 from .caches import Caches
 from .constraints import grammars_for
+from .cuda_graphs import GraphDecoder
 from .detokenizer import Detokenizer
 from .feature_cache import chunk_features, frame_keys, ready
 from .prefix_cache import BLOCK, extend_keys
@@ -98,6 +99,8 @@ class Engine:
             dtype=cache_dtype, device=self.device,
         )  # fmt: skip
         self.sampler = Sampler(max_batch, text.vocab_size, self.device)
+        # On a GPU the decode step replays CUDA graphs of static shapes (cuda_graphs.py): launches, not math, bound it
+        self.decode_step = GraphDecoder(model, self.cache) if self.device.type == "cuda" else model.decode
         long = dict(dtype=torch.long, device=self.device)
         self.pos = torch.zeros(max_batch, **long)  # tokens in each row = position of its next input token
         self.last = torch.zeros(max_batch, **long)  # each row's last sampled token = its next input token
@@ -221,7 +224,7 @@ class Engine:
     def _decode(self) -> list[StepOutput]:
         n, rows = self.decoding, self.running[: self.decoding]
         keys = min(self.max_len, -(-(max(r.length for r in rows) + 1) // KEY_BLOCK) * KEY_BLOCK)
-        logits = self.model.decode(self.last[:n], self.pos[:n], self.cache, keys)  # [n, V]
+        logits = self.decode_step(self.last[:n], self.pos[:n], self.cache, keys)  # [n, V]
         tokens = self.sampler(self._logits(logits, rows))  # [n]
         self.last[:n] = tokens
         self.pos[:n] += 1

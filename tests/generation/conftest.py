@@ -18,10 +18,10 @@ class Tiny:
     """One tiny checkpoint: our model (fp32, or bf16 fused: the C++ kernels where they run), its tokenizer, the
     reference model, and prompt / engine builders."""
 
-    def __init__(self, folder, dtype="float32"):
+    def __init__(self, folder, dtype="float32", device="cpu"):
         self.folder = folder
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        self.model = Model.from_pretrained(folder, dtype=dtype, fuse=dtype != "float32")
+        self.model = Model.from_pretrained(folder, dtype=dtype, device=device, fuse=dtype != "float32")
         self.end_ids = end_token_ids(folder, self.tokenizer)
         self._reference = None
 
@@ -86,6 +86,12 @@ def v2(tiny_v2):
 @pytest.fixture(scope="session")
 def v2_bf16(tiny_v2):
     return Tiny(tiny_v2, "bfloat16")
+
+
+@pytest.fixture(scope="session")
+def make_tiny():
+    """Tiny(folder, dtype, device): for models on other devices (the CUDA tests)."""
+    return Tiny
 
 
 @pytest.fixture(scope="session")
