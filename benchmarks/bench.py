@@ -8,11 +8,17 @@ then `--reps` timed ones; the table gives their medians and the ratio ours / ref
     python benchmarks/bench.py                       # all workloads, 2 threads, CPU (about 5 minutes)
     python benchmarks/bench.py --quick               # 1 rep of text, tile and int8 (about a minute)
     python benchmarks/bench.py --device cuda         # the same on a GPU
+    python benchmarks/bench.py --device cuda --only text,batch64,vision,video64,fp32-identity   # GPU workloads (#19)
+    python benchmarks/bench.py --device cuda --shape smolvlm2-500m --only text,batch64
     python benchmarks/bench.py --only text,tile --reps 5 --json results.json
     python benchmarks/bench.py --only chat3,same-image8,join7 --reps 1   # the caches and chunked prefill (#12)
 
 The request workloads run ours without caches (each rep would otherwise find the last one's work); chat3,
-same-image8 and join7 measure the caches and chunked prefill (smolvlm/generation/caches.py, scheduler.py).
+same-image8 and join7 measure the caches and chunked prefill (smolvlm/generation/caches.py, scheduler.py). On a
+GPU (#19): batch32/batch64 decode throughput, `vision` (the tower alone on 64 tiles, against the time its FLOPs take
+at the bf16 matmul rate measured in the same process), `video64` (a 64-frame video's peak GPU memory against the
+model card's ~1.4 GB) and `fp32-identity` (greedy tokens of the fp32 path on the device against the CPU's). A worker
+that fails or runs past `--timeout` is reported and the others go on; `--json` is rewritten after every worker.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ class Workload:
     batch: int = 1
     new_tokens: int = 64
     quantize: str | None = None
+    video: int = 0  # frames of a video (then `image` is a frame's size), 0: none
     sides: tuple[str, ...] = ("ours", "reference")
     kind: str = "request"  # or a scenario of SCENARIOS
 
@@ -60,6 +67,13 @@ WORKLOADS = {
                             split=True, batch=8, new_tokens=32, kind="shared", sides=("ours",)),
     "join7": Workload("the photo request joining 7 running text streams", image=(1536, 1024), split=True, batch=8,
                       new_tokens=8, kind="join", sides=("ours",)),
+    "batch32": Workload("batch of 32 text prompts, 64 new each", batch=32),
+    "batch64": Workload("batch of 64 text prompts, 64 new each", batch=64),
+    "vision": Workload("the vision tower alone on 64 random tiles (one call)", batch=64, kind="vision"),
+    "video64": Workload("a 64-frame video (640x360 frames, 1 fps), 16 new", image=(640, 360), video=64, new_tokens=16,
+                        sides=("ours",)),
+    "fp32-identity": Workload("greedy tokens of fp32 on the device against fp32 on the CPU: 2 text, 2 one-tile rows, "
+                              "32 new", dtype="float32", batch=2, new_tokens=32, kind="identity", sides=("ours",)),
 }
 QUICK = ("text", "tile", "text-int8")
 
@@ -74,11 +88,19 @@ TARGETS = {
     ("chat3", "ttft_turn2_s"): (0.05, "max", "reference"),
     ("chat3", "ttft_turn3_s"): (0.05, "max", "reference"),
 }
+# The GPU's bars (issue #19) replace the CPU's where both name a metric.
+GPU_TARGETS = {
+    ("text", "decode_tps"): (5.0, "min", "reference"),
+    ("batch64", "decode_all_tps"): (2.0, "min", "reference"),
+}
 # Ratios of one side's own metrics (ours): (workload, metric) -> (bound, "max"/"min"), printed as "x0.03 (≤0.05 met)"
 SELF_TARGETS = {
     ("chat3", "turn2_vs_turn1"): (0.05, "max"), ("chat3", "turn3_vs_turn1"): (0.05, "max"),
     ("same-image8", "cached_vs_uncached"): (0.5, "max"), ("join7", "max_gap_s"): (0.6, "max"),
+    ("vision", "vision_vs_matmul"): (2.0, "max"), ("fp32-identity", "identical_rows"): (1.0, "min"),
+    ("video64", "peak_gpu_vs_card"): (1.0, "max"),
 }
+VIDEO_CARD_MB = 1400  # SmolVLM2-256M's model card: ~1.4 GB of GPU memory for video inference
 METRICS = [  # key, label, unit scale, format
     ("preprocess_s", "preprocessing", 1e3, "{:.0f} ms"),
     ("vision_tile_s", "vision per tile", 1e3, "{:.0f} ms"),
@@ -101,7 +123,12 @@ METRICS = [  # key, label, unit scale, format
     ("p95_gap_unchunked_s", "streams' p95 inter-token gap, unchunked", 1e3, "{:.0f} ms"),
     ("ttft_unchunked_s", "time to first token, unchunked", 1e3, "{:.0f} ms"),
     ("peak_rss_mb", "peak RSS", 1, "{:.0f} MB"),
+    ("matmul_tflops", "bf16 matmul rate measured", 1, "{:.0f} TFLOP/s"),
+    ("vision_gflop_tile", "vision FLOPs per tile", 1, "{:.1f} GFLOP"),
+    ("vision_vs_matmul", "vision per tile / its FLOPs at the matmul rate", 1, "x{:.2f}"),
+    ("identical_rows", "rows with the CPU's greedy tokens", 1, "{:.2f}"),
     ("peak_gpu_mb", "peak GPU memory", 1, "{:.0f} MB"),
+    ("peak_gpu_vs_card", "peak GPU memory / model card's ~1.4 GB", 1, "x{:.2f}"),
     ("cold_start_s", "cold start", 1, "{:.1f} s"),
 ]
 
@@ -195,10 +222,84 @@ def join(side, w: Workload, reps: int) -> dict:
     return result | {"tiles": long.pixel_values.shape[0], "prompt_tokens": len(long), "new_tokens": w.new_tokens}
 
 
-SCENARIOS = {"chat": chat, "shared": shared, "join": join}
+def vision_flops(config) -> float:
+    """FLOPs of one tile through the vision tower and connector (matmuls, attention, patch embedding)."""
+    v = config.vision_config
+    patches, d = (v.image_size // v.patch_size) ** 2, v.hidden_size
+    layer = 2 * patches * d * (4 * d + 2 * v.intermediate_size) + 4 * patches * patches * d  # q/k/v/o, MLP; QK^T, PV
+    embed = 2 * patches * 3 * v.patch_size**2 * d
+    connector = 2 * patches * d * config.text_config.hidden_size  # pixel shuffle keeps patches * d values
+    return v.num_hidden_layers * layer + embed + connector
+
+
+def matmul_tflops(device: str) -> float:
+    """The device's bf16 matmul rate on square products (8192^3 on a GPU; 1024^3 on a CPU, to stay short)."""
+    import torch
+
+    from sides import _sync
+
+    n, iters = (8192, 20) if device.startswith("cuda") else (1024, 3)
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    _sync(torch.device(device))
+    start = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    _sync(torch.device(device))
+    return 2 * n**3 * iters / (time.perf_counter() - start) / 1e12
+
+
+def vision(side, w: Workload, reps: int) -> dict:
+    """The tower (and connector) alone on `w.batch` random tiles in one call: a warm-up, then `reps` timed; against
+    the time its FLOPs take at the matmul rate measured here."""
+    import torch
+
+    from sides import timed_encode
+
+    config, rate = side.model.config, matmul_tflops(str(side.device))
+    size = config.vision_config.image_size
+    pixels = torch.rand(1, w.batch, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    masks = torch.ones(1, w.batch, size, size, dtype=torch.long)
+    timed_encode(side, pixels, masks)
+    tile_s = statistics.median(timed_encode(side, pixels, masks) for _ in range(reps)) / w.batch
+    flops = vision_flops(config)
+    return {"vision_tile_s": tile_s, "matmul_tflops": rate, "vision_gflop_tile": flops / 1e9,
+            "vision_vs_matmul": tile_s / (flops / (rate * 1e12)), "tiles": w.batch, "prompt_tokens": 0, "new_tokens": 0}
+
+
+def identity(side, w: Workload, reps: int) -> dict:
+    """Greedy tokens of the side's device against the CPU's, same model and dtype: text and one-tile rows, one batch.
+    cuDNN may run fp32 convolutions (the patch embedding) in TF32 by torch's default; it is turned off here, so fp32
+    means IEEE fp32 on both."""
+    import torch
+
+    from smolvlm.generation import SamplingParams
+
+    torch.backends.cudnn.allow_tf32 = False
+    batch = conversations(WORKLOADS["text"])[:1] + [[user(PROMPT[:40])]]
+    batch += [[user(q, photo(512, 512, seed=i))] for i, q in enumerate(QUESTIONS[: w.batch])]
+    cpu = type(side)(side.folder, w.dtype, "cpu", None)
+    rows = []
+    for s in (side, cpu):
+        prompts = s._prompts(batch, False)
+        engine = s.engine(len(prompts), max(len(p) for p in prompts) + w.new_tokens)
+        rows.append([r.token_ids for r in engine.generate(prompts, SamplingParams(max_new_tokens=w.new_tokens))])
+    diverge = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None) for x, y in zip(*rows)]
+    return {"identical_rows": sum(d is None for d in diverge) / len(batch), "first_divergence": diverge,
+            "tiles": w.batch, "prompt_tokens": max(len(p) for p in prompts), "new_tokens": w.new_tokens}
+
+
+SCENARIOS = {"chat": chat, "shared": shared, "join": join, "vision": vision, "identity": identity}
 
 
 def conversations(w: Workload) -> list:
+    if w.video:
+        from smolvlm import VideoFrames
+
+        frames = VideoFrames([photo(*w.image, seed=i) for i in range(w.video)], fps=1.0)
+        return [[{"role": "user", "content": [{"type": "video", "video": frames},
+                                              {"type": "text", "text": "Describe this video."}]}]]
     if w.image is None:
         return [[{"role": "user", "content": [{"type": "text", "text": PROMPT}]}] for _ in range(w.batch)]
     return [[{"role": "user", "content": [{"type": "image", "image": photo(*w.image, seed=i)},
@@ -217,7 +318,7 @@ def worker(args) -> None:
     side = SIDES[args.side](args.folder, w.dtype, args.device, w.quantize)
     if w.kind != "request":
         result = SCENARIOS[w.kind](side, w, args.reps)
-        print(json.dumps(result | {"peak_rss_mb": peak_rss_mb(), "load_s": side.load_s}))
+        print(json.dumps(result | {"peak_rss_mb": peak_rss_mb(), "load_s": side.load_s} | peak_gpu(args.device)))
         return
     batch = conversations(w)
     cold = side.run(batch, w.new_tokens, w.split)
@@ -235,10 +336,17 @@ def worker(args) -> None:
     if w.image is not None:  # the tower alone, once (the runs above warmed it up)
         seconds, tiles = side.vision(batch, w.split)
         result["vision_tile_s"] = seconds / tiles
-    result["peak_rss_mb"] = peak_rss_mb()
-    if args.device.startswith("cuda"):
-        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    result |= {"peak_rss_mb": peak_rss_mb()} | peak_gpu(args.device)
+    if w.video and "peak_gpu_mb" in result:
+        result["peak_gpu_vs_card"] = result["peak_gpu_mb"] / VIDEO_CARD_MB
     print(json.dumps(result))
+
+
+def peak_gpu(device: str) -> dict:
+    """This process's peak GPU memory (torch's allocations: weights, caches, activations), on a GPU."""
+    import torch
+
+    return {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if device.startswith("cuda") else {}
 
 
 def peak_rss_mb() -> float:
@@ -291,10 +399,17 @@ def spawn(side: str, workload: str, args, folder: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, workload, "--folder", str(folder), "--threads",
            str(args.threads), "--device", args.device, "--reps", str(args.reps), "--spawned-at"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd + [repr(time.time())], capture_output=True, text=True, env=env)
+    try:
+        proc = subprocess.run(cmd + [repr(time.time())], capture_output=True, text=True, env=env, timeout=args.timeout)
+    except subprocess.TimeoutExpired as e:
+        return {"error": f"ran past --timeout {args.timeout} s", "stderr": _text(e.stderr)[-3000:]}
     if proc.returncode != 0:
-        raise SystemExit(f"{side} {workload} failed:\n{proc.stderr[-3000:]}")
+        return {"error": f"exit status {proc.returncode}", "stderr": proc.stderr[-3000:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _text(out) -> str:
+    return out.decode(errors="replace") if isinstance(out, bytes) else out or ""
 
 
 def ratio_cell(results, name, metric) -> str:
@@ -344,6 +459,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"1 rep of {', '.join(QUICK)}")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--no-quality", action="store_true", help="skip the logit-error report of the fast paths")
+    parser.add_argument("--timeout", type=float, help="seconds a worker may run before it is reported and killed")
     parser.add_argument("--worker", nargs=2, metavar=("SIDE", "WORKLOAD"), help=argparse.SUPPRESS)
     parser.add_argument("--spawned-at", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -358,27 +474,47 @@ def main() -> None:
         from checkpoint import make_random_checkpoint
 
         folder = make_random_checkpoint(args.shape, args.cache / f"{args.shape}-bfloat16", "bfloat16")
-    print(f"# {args.shape} random weights, {args.device}, {args.threads} threads, {args.reps} reps, "
+    print(f"# {args.folder or args.shape + ' random weights'}, {args.device}, {args.threads} threads, {args.reps} reps, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
-    results = {}
+    if args.device.startswith("cuda"):
+        TARGETS.update(GPU_TARGETS)
+    results, errors = {}, None
+
+    def save():
+        if args.json:
+            dump = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results, "logit_errors": errors}
+            args.json.write_text(json.dumps(dump, indent=1))
+
     for name in names:
         for side in WORKLOADS[name].sides:
             start = time.perf_counter()
             results.setdefault(name, {})[side] = r = spawn(side, name, args, folder)
-            print(f"  {name:9} {side:9} {time.perf_counter() - start:5.0f} s  ({r['prompt_tokens']} prompt tokens, "
-                  f"{r['tiles']} tiles, {r['new_tokens']} new, load {r['load_s']:.1f} s)", flush=True)
-    errors = None if args.no_quality else spawn("quality", "tile", args, folder)
+            took = f"  {name:13} {side:9} {time.perf_counter() - start:5.0f} s"
+            if "error" in r:
+                print(f"{took}  FAILED ({r['error']}):\n{r['stderr']}", flush=True)
+            else:
+                print(f"{took}  ({r['prompt_tokens']} prompt tokens, {r['tiles']} tiles, {r['new_tokens']} new, "
+                      f"load {r['load_s']:.1f} s)", flush=True)
+            save()
+    if not args.no_quality:
+        errors = spawn("quality", "tile", args, folder)
+        save()
     print(f"# load average at the end {os.getloadavg()[0]:.1f}\n")
     print(table(results))
-    if errors:
+    failed = [f"{name} {side}" for name, sides in results.items() for side, r in sides.items() if "error" in r]
+    if errors and "error" in errors:
+        failed.append("quality")
+    elif errors:
         print(f"\nLogits against the plain fp32 model, one-tile prompt (largest |logit| {errors['logit_range']:.1f}):")
         print("| variant | max abs error | relative L2 error | top-1 agreement |\n| --- | --- | --- | --- |")
         for name, e in errors.items():
             if name != "logit_range":
-                    print(f"| {name} | {e['max_abs']:.4f} | {e['relative_l2']:.4f} | {e['top1_agreement']:.3f} |")
-    if args.json:
-        dump = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results, "logit_errors": errors}
-        args.json.write_text(json.dumps(dump, indent=1))
+                print(f"| {name} | {e['max_abs']:.4f} | {e['relative_l2']:.4f} | {e['top1_agreement']:.3f} |")
+    identity_rows = results.get("fp32-identity", {}).get("ours", {}).get("first_divergence")
+    if identity_rows is not None:
+        print(f"\nfp32-identity: first differing token of each row (None: identical): {identity_rows}")
+    if failed:
+        raise SystemExit(f"\nFailed: {', '.join(failed)} (their errors are above and in --json)")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ class Ours:
         import smolvlm
 
         start = time.perf_counter()
+        self.folder = Path(folder)
         self.vlm = smolvlm.load(folder, dtype=dtype, device=device, quantize=quantize, progress=False)
         self.load_s = time.perf_counter() - start
         self.model, self.processor, self.device = self.vlm.model, self.vlm.processor, self.vlm.model.device
@@ -94,16 +95,15 @@ class Ours:
         tiles = sum(0 if p.pixel_values is None else p.pixel_values.shape[0] for p in prompts)
         return Timing(preprocess, times, tiles, longest, text, cached_tokens)
 
-    @torch.inference_mode()
     def vision(self, conversations, split: bool) -> tuple[float, int]:
         prompts = self._prompts(conversations, split)
-        pixels = torch.cat([p.pixel_values for p in prompts])[None].to(self.device)
-        masks = torch.cat([p.pixel_attention_mask for p in prompts])[None].to(self.device)
-        _sync(self.device)
-        start = time.perf_counter()
-        self.model.get_image_features(pixels, masks)
-        _sync(self.device)
-        return time.perf_counter() - start, pixels.shape[1]
+        pixels = torch.cat([p.pixel_values for p in prompts])[None]
+        masks = torch.cat([p.pixel_attention_mask for p in prompts])[None]
+        return timed_encode(self, pixels, masks), pixels.shape[1]
+
+    def encode(self, pixels: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """The vision tower and connector on frames [B, I, 3, S, S] (on the side's device) with masks [B, I, S, S]."""
+        return self.model.get_image_features(pixels, masks)
 
 
 class Reference:
@@ -163,16 +163,24 @@ class Reference:
         text = self.processor.tokenizer.decode(out[0, t:], skip_special_tokens=True)
         return Timing(preprocess, clock.times[1:], tiles, t, text)
 
-    @torch.inference_mode()
     def vision(self, conversations, split: bool) -> tuple[float, int]:
         inputs = self._inputs(conversations, split)
-        _sync(self.device)
-        start = time.perf_counter()
-        self.model.model.get_image_features(
-            pixel_values=inputs["pixel_values"].to(self.model.dtype), pixel_attention_mask=inputs["pixel_attention_mask"]
-        )
-        _sync(self.device)
-        return time.perf_counter() - start, inputs["pixel_values"].shape[0] * inputs["pixel_values"].shape[1]
+        pixels = inputs["pixel_values"]
+        return timed_encode(self, pixels, inputs["pixel_attention_mask"]), pixels.shape[0] * pixels.shape[1]
+
+    def encode(self, pixels: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        return self.model.model.get_image_features(pixel_values=pixels.to(self.model.dtype), pixel_attention_mask=masks)
+
+
+@torch.inference_mode()
+def timed_encode(side, pixels: torch.Tensor, masks: torch.Tensor) -> float:
+    """Seconds of one `side.encode` of frames already on the side's device (synced before and after)."""
+    pixels, masks = pixels.to(side.device), masks.to(side.device)
+    _sync(side.device)
+    start = time.perf_counter()
+    side.encode(pixels, masks)
+    _sync(side.device)
+    return time.perf_counter() - start
 
 
 def _reference_processor(folder: Path):
