@@ -72,6 +72,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
+def masked_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA of q [B, H, T, Dh] over k, v [B, H_kv, S, Dh] (query head i reads key head i // (H / H_kv)) under the
+    additive mask [B or 1, 1, T, S], without SDPA's enable_gqa: CUDA's memory-efficient kernel takes masks but not
+    GQA, so a masked enable_gqa call runs the math kernel, whose [B, H, T, S] scores a 4k-token video prompt makes
+    hundreds of MB a layer. Decoding (T = 1) folds each key head's H / H_kv query heads into query rows (no copies);
+    longer queries read the key heads repeated, as the reference's SDPA path does. [B, H, T, Dh]."""
+    b, h, t, d = q.shape
+    g = h // k.shape[1]
+    if t == 1:
+        out = F.scaled_dot_product_attention(q.reshape(b, h // g, g, d), k, v, attn_mask=mask.expand(-1, -1, g, -1))
+        return out.reshape(b, h, 1, d)
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=mask)
+
+
 class Attention(nn.Module):
     def __init__(self, config: TextConfig, layer_idx: int):
         super().__init__()
@@ -109,9 +123,12 @@ class Attention(nn.Module):
             k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]  # the S attended positions
         # Attention runs in the cache's dtype: an fp32 cache on the CPU (the engine's choice) makes batch-1 decoding
         # attention ~9x faster than torch's bf16 CPU kernels, on the same bf16-rounded keys and values.
-        out = F.scaled_dot_product_attention(
-            q.to(k.dtype), k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True
-        ).to(x.dtype)
+        if q.is_cuda and mask is not None:
+            out = masked_gqa(q.to(k.dtype), k, v, mask).to(x.dtype)
+        else:
+            out = F.scaled_dot_product_attention(
+                q.to(k.dtype), k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+            ).to(x.dtype)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 

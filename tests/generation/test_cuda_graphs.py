@@ -1,5 +1,5 @@
-"""The static-shape decode step of cuda_graphs.py: padded to a batch bucket and a key bucket it gives the unpadded step's
-logits and greedy tokens, and its padding rows change nothing real. The graph capture itself needs CUDA (`-m cuda`)."""
+"""The static-shape decode step of cuda_graphs.py: padded to a batch bucket and a key bucket it gives the unpadded
+step's logits and greedy tokens, and its padding rows change nothing real. The graph capture itself needs CUDA."""
 
 import pytest
 import torch

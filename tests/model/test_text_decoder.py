@@ -3,9 +3,10 @@ cache_positions) with a KVCache, checked against one full forward (the nanoVLM K
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from smolvlm.model import KVCache
-from smolvlm.model.text import RMSNorm, RotaryEmbedding
+from smolvlm.model.text import RMSNorm, RotaryEmbedding, additive_mask, masked_gqa
 from tiny import TINY_IMAGE_SEQ_LEN as N
 
 IMAGE = 49190
@@ -141,3 +142,23 @@ def test_cache_needs_cache_positions(pair):
     model = pair.ours
     with pytest.raises(ValueError, match="cache_positions"):
         model.model.text_model(torch.zeros(1, 2, 64), torch.arange(2)[None], cache=new_cache(model, 1, 4))
+
+
+@pytest.mark.parametrize("t", [1, 5])
+def test_masked_gqa_equals_sdpa_with_enable_gqa(t):
+    """The CUDA path's grouped-query attention (folded query heads when decoding, repeated key heads else) is SDPA's
+    enable_gqa, run here on the CPU."""
+    g = torch.Generator().manual_seed(t)
+    b, h, h_kv, s, d = 3, 9, 3, 40, 16
+    q, k, v = (torch.randn(b, n, m, d, generator=g) for n, m in ((h, t), (h_kv, s), (h_kv, s)))
+    allowed = torch.rand(b, 1, t, s, generator=g) < 0.7
+    allowed[..., 0] = True
+    mask = additive_mask(allowed, torch.float32)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    got = masked_gqa(q, k, v, mask)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    # head i reads key head i // 3: changing key head 1 changes only query heads 3..5
+    k2 = k.clone()
+    k2[:, 1] += 1
+    changed = (masked_gqa(q, k2, v, mask) - got).abs().amax(dim=(0, 2, 3)) > 0
+    assert changed.tolist() == [False] * 3 + [True] * 3 + [False] * 3
