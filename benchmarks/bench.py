@@ -474,7 +474,8 @@ def main() -> None:
         from checkpoint import make_random_checkpoint
 
         folder = make_random_checkpoint(args.shape, args.cache / f"{args.shape}-bfloat16", "bfloat16")
-    print(f"# {args.folder or args.shape + ' random weights'}, {args.device}, {args.threads} threads, {args.reps} reps, "
+    what = args.folder or f"{args.shape} random weights"
+    print(f"# {what}, {args.device}, {args.threads} threads, {args.reps} reps, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
     if args.device.startswith("cuda"):
         TARGETS.update(GPU_TARGETS)

@@ -48,7 +48,9 @@ install() {
     if ! "${pip[@]}" "${wheels[@]}"; then
         echo "pip into the environment failed; installing into /tmp/site behind a .pth file"
         "${pip[@]}" --target /tmp/site "${wheels[@]}" || return 1
-        echo "import sys; sys.path.insert(0, '/tmp/site')" > "$("$PY" -c 'import site; print(site.getsitepackages()[0])')/00_gpu_site.pth"
+        local site_dir
+        site_dir=$("$PY" -c 'import site; print(site.getsitepackages()[0])')
+        echo "import sys; sys.path.insert(0, '/tmp/site')" > "$site_dir/00_gpu_site.pth"
     fi
     mkdir -p ../shared
     [ -e ../shared/checkpoint-files ] || cp -r .gpu/checkpoint-files ../shared/checkpoint-files

@@ -113,27 +113,37 @@ def test_engine_with_the_static_step_gives_the_same_greedy_tokens(v2):
     assert static[3] == alone[0]
 
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs: needs a CUDA device")
+
+
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs: needs a CUDA device")
+@needs_cuda
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cuda_graph_replay_gives_the_eager_static_step(tiny_v2, make_tiny, v2, dtype):
-    """A captured graph replays exactly the eager padded step (logits and cache); through the engine, graphs give the
-    eager static step's greedy tokens, and in fp32 the CPU engine's."""
-    tiny = make_tiny(tiny_v2, dtype, device="cuda")
-    model = tiny.model
+def test_cuda_graph_replays_the_eager_static_step(tiny_v2, make_tiny, dtype):
+    """A captured graph runs the eager padded step's kernels: bit for bit the same logits and cache."""
+    model = make_tiny(tiny_v2, dtype, device="cuda").model
     cache, tokens, positions = prefilled(model, [5, 17, 9], max_batch=8, device="cuda")
-    eager_cache = copy(cache)
+    start, eager_cache = copy(cache), copy(cache)
     with torch.inference_mode():
         eager = GraphDecoder(model, eager_cache, capture=False)(tokens, positions, eager_cache, keys=64).clone()
-        start = copy(cache)
         decoder = GraphDecoder(model, cache)
         first = decoder(tokens, positions, cache, keys=64).clone()  # warm-up, capture, replay
         cache.k.copy_(start.k), cache.v.copy_(start.v)
         replayed = decoder(tokens, positions, cache, keys=64).clone()  # a replay alone
     assert isinstance(decoder.graphs[4, 256][0], torch.cuda.CUDAGraph)
-    assert torch.equal(first, eager) and torch.equal(replayed, eager)
-    assert torch.equal(cache.k, eager_cache.k) and torch.equal(cache.v, eager_cache.v)
+    torch.testing.assert_close(replayed, first, rtol=0, atol=0)
+    torch.testing.assert_close(first, eager, rtol=0, atol=0)
+    torch.testing.assert_close(cache.k, eager_cache.k, rtol=0, atol=0)
+    torch.testing.assert_close(cache.v, eager_cache.v, rtol=0, atol=0)
 
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_engine_on_cuda_gives_the_eager_steps_greedy_tokens(tiny_v2, make_tiny, v2, dtype):
+    """Through the engine (prefill on CUDA, decode replaying graphs), the greedy tokens of the eager static step, and
+    in fp32 those of the CPU engine."""
+    tiny = make_tiny(tiny_v2, dtype, device="cuda")
     prompts = [tiny.prompt("Tell me a story about a cat."), tiny.prompt("What is in this image?", n_images=1, seed=1),
                tiny.prompt("Compare the three pictures.", n_images=3, seed=2)]
     params = SamplingParams(max_new_tokens=20)
@@ -142,7 +152,7 @@ def test_cuda_graph_replay_gives_the_eager_static_step(tiny_v2, make_tiny, v2, d
     graphs = [r.token_ids for r in engine.generate(prompts, params)]
     assert (4, 256) in engine.decode_step.graphs  # the three rows decoded together, padded to 4
     eager_engine = tiny.engine(max_batch=8)
-    eager_engine.decode_step = GraphDecoder(model, eager_engine.cache, capture=False)
+    eager_engine.decode_step = GraphDecoder(tiny.model, eager_engine.cache, capture=False)
     assert graphs == [r.token_ids for r in eager_engine.generate(prompts, params)]
     if dtype == "float32":
         assert graphs == [r.token_ids for r in v2.engine(max_batch=8).generate(prompts, params)]
