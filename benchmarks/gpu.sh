@@ -75,8 +75,8 @@ export OUT DEVICE PY BENCH_EXTRA
 export -f install environment bench
 part install 40 install
 part env 15 environment
-# the CUDA-graph tests (the capture and replay, on CUDA) and their CPU counterparts
-part pytest 60 "$PY" -m pytest -q -rs -p no:cacheprovider tests/generation/test_cuda_graphs.py
+# the CUDA-graph tests (the capture and replay; their CPU counterparts run in CI)
+part pytest 45 "$PY" -m pytest -q -rs -p no:cacheprovider -m cuda tests/generation/test_cuda_graphs.py
 part bench-256m 205 bench bench-256m --only text,batch8,batch32,batch64,vision,video64,fp32-identity
 part bench-500m 100 bench bench-500m --shape smolvlm2-500m --only text,batch64,vision
 echo "== $(date -u +%T) done: $failed part(s) failed; outputs in $OUT"
