@@ -2,7 +2,7 @@
 # One GPU session (issue #19), about 5 minutes on an H200: installs the wheels that travel with the tree, runs the
 # CUDA tests, then benchmarks/bench.py --device cuda for the 256M shape (batch 1/8/32/64 decoding, the vision tower
 # against the measured matmul rate, a 64-frame video's peak memory, fp32 greedy identity with the CPU) and the 500M
-# shape. Each part runs under `timeout` (worst case 7 minutes in all) and logs into $OUT; a part that fails or runs out
+# shape. Each part runs under `timeout` (worst case 7.5 minutes in all) and logs into $OUT; a part that fails or runs out
 # of time does not stop the next, and bench.py rewrites its JSON after every worker, so finished workloads are kept.
 #
 #   bash benchmarks/gpu.sh        # from the repo root on the GPU machine, with the ignored .gpu/ folder carried:
@@ -74,10 +74,10 @@ bench() {  # bench NAME ARGS...: bench.py with its JSON in $OUT/NAME.json
 export OUT DEVICE PY BENCH_EXTRA
 export -f install environment bench
 part install 40 install
-part env 15 environment
+part env 30 environment
 # the CUDA-graph tests (the capture and replay; their CPU counterparts run in CI)
 part pytest 45 "$PY" -m pytest -q -rs -p no:cacheprovider -m cuda tests/generation/test_cuda_graphs.py
-part bench-256m 205 bench bench-256m --only text,batch8,batch32,batch64,vision,video64,fp32-identity
+part bench-256m 260 bench bench-256m --only text,batch8,batch32,batch64,vision,video64,fp32-identity
 part bench-500m 100 bench bench-500m --shape smolvlm2-500m --only text,batch64,vision
 echo "== $(date -u +%T) done: $failed part(s) failed; outputs in $OUT"
 cat "$OUT/summary.txt"
