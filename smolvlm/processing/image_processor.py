@@ -149,6 +149,17 @@ class ImageProcessor:
 
     # -- pixels --
 
+    def shrink(self, image: Image.Image) -> Image.Image:
+        """`image` (RGB, as images.to_rgb makes it) after step 1, when that makes it smaller and leaves step 1 of
+        `__call__` a copy (the size is a fixed point of `resized_size`): the same pixels as the whole pipeline on the
+        original, so a large image or video frame can be shrunk as soon as it is decoded and the original freed."""
+        if not self.do_resize:
+            return image
+        size = self.resized_size(*image.size)
+        if size[0] * size[1] >= image.width * image.height or self.resized_size(*size) != size:
+            return image
+        return self._resize(image, size)
+
     def __call__(self, images: list[list[Image.Image]]) -> ImageBatch:
         """Process a batch: one list of RGB PIL images per sample (empty lists allowed)."""
         m = self.max_image_size

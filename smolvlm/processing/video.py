@@ -130,11 +130,12 @@ def sample_frame_indices(metadata: VideoMetadata, fps: float, max_frames: int) -
     return np.unique(np.linspace(start, end, wanted, dtype=int)).tolist()  # dtype=int truncates, as the reference
 
 
-def load_video(source, fps: float = 1.0, max_frames: int = 64) -> Video:
+def load_video(source, fps: float = 1.0, max_frames: int = 64, shrink=None) -> Video:
     """Decode (or take) the sampled frames of a video.
 
     `source`: a path, an http(s) URL, a `data:video/...;base64,` URL, the bytes of a video file, a `VideoFrames`,
-    or a `Video` (returned as is: it is already sampled).
+    or a `Video` (returned as is: it is already sampled). `shrink`: applied to each decoded frame as it is read
+    (`frame_processor(processor).shrink`: the processor's first resize, done early to hold small frames).
     """
     if isinstance(source, Video):
         return source
@@ -148,7 +149,7 @@ def load_video(source, fps: float = 1.0, max_frames: int = 64) -> Video:
     name = video_name(source)
     data = _fetch(source, name)
     frames, indices, metadata = read_video(
-        data, lambda md: sample_frame_indices(md, sampling.fps, sampling.max_frames), name
+        data, lambda md: sample_frame_indices(md, sampling.fps, sampling.max_frames), name, shrink
     )
     return Video(frames, indices, metadata)
 
@@ -218,11 +219,11 @@ def expand_videos(processor, texts: list[str] | None, videos, fps: float | None 
         counts = [t.count(VIDEO_TOKEN) for t in texts]
         raise InputError(f"Found {counts} {VIDEO_TOKEN} tokens per prompt but no videos were passed")
     batch = _video_layout(videos, texts)
-    loaded = [[_load(source, b, j, fps, max_frames) for j, source in enumerate(sample)]
+    frames_to = frame_processor(processor)
+    loaded = [[_load(source, b, j, fps, max_frames, frames_to.shrink) for j, source in enumerate(sample)]
               for b, sample in enumerate(batch)]
     frames = [[load_image(frame) for video in sample for frame in video.frames] for sample in loaded]
-    size = {"longest_edge": sampling.video_size} if sampling.video_size else None  # None: the image size
-    pixels = processor.image_processor.with_overrides(size=size, do_image_splitting=False)(frames)
+    pixels = frames_to(frames)
     out = {"pixel_values": pixels.pixel_values, "pixel_attention_mask": pixels.pixel_attention_mask}
     if texts is None:
         return None, out
@@ -234,6 +235,12 @@ def expand_videos(processor, texts: list[str] | None, videos, fps: float | None 
         pieces = text.split(VIDEO_TOKEN)
         expanded.append(pieces[0] + "".join(video_prompt(v, announced, block) + p for v, p in zip(sample, pieces[1:])))
     return expanded, out
+
+
+def frame_processor(processor):
+    """The image processor video frames go through: unsplit, resized to `video_sampling.video_size`."""
+    size = processor.video_sampling.video_size
+    return processor.image_processor.with_overrides(size=size and {"longest_edge": size}, do_image_splitting=False)
 
 
 def _is_video(x) -> bool:
@@ -273,8 +280,8 @@ def _video_layout(videos, texts: list[str] | None) -> list[list]:
     return batch
 
 
-def _load(source, sample: int, index: int, fps: float, max_frames: int) -> Video:
+def _load(source, sample: int, index: int, fps: float, max_frames: int, shrink) -> Video:
     try:
-        return load_video(source, fps, max_frames)
+        return load_video(source, fps, max_frames, shrink)
     except InputError as e:
         raise InputError(f"Sample {sample}, video {index}: {e}") from e

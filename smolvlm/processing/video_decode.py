@@ -62,10 +62,13 @@ def read_video(
     source: str | os.PathLike | bytes | io.IOBase,
     sample: Callable[[VideoMetadata], Sequence[int]],
     name: str | None = None,
+    shrink: Callable[[Image.Image], Image.Image] | None = None,
 ) -> tuple[list[Image.Image], list[int], VideoMetadata]:
     """Decode the frames `sample(metadata)` asks for. Returns (RGB frames, their frame numbers, metadata).
 
     `source` is a local path, or the bytes / a binary file object of a video (what URLs and data URLs become).
+    `shrink` (e.g. ImageProcessor.shrink) is applied to each kept frame as soon as it is decoded, so only one frame
+    at a time is held at the video's size.
     """
     name = name or video_name(source)
     if isinstance(source, (bytes, bytearray)):
@@ -76,7 +79,7 @@ def read_video(
         indices = [int(i) for i in sample(metadata)]  # sorted, unique, in range
         with _open(source, name) as container:  # a fresh demuxer: some streams (raw H.264) can't seek back
             frames = _decode(container, _video_stream(container, name), frame_pts, key_frames, indices, name,
-                             (metadata.width, metadata.height))
+                             (metadata.width, metadata.height), shrink or (lambda image: image))
     except av.FFmpegError as e:
         raise InputError(f"{name}: the video is damaged or truncated and can't be decoded ({_why(e)})") from e
     return frames, indices, metadata
@@ -159,7 +162,7 @@ def _index(container, stream, name: str) -> tuple[list[int] | None, list[int], V
     return frame_pts, key_frames, metadata
 
 
-def _decode(container, stream, frame_pts, key_frames, indices, name, size: tuple[int, int]) -> list[Image.Image]:
+def _decode(container, stream, frame_pts, key_frames, indices, name, size: tuple[int, int], shrink) -> list[Image.Image]:
     """Decode frames `indices` (sorted frame numbers), seeking to the keyframe before each one when that skips work.
     Every kept frame must have the header's `size` (width, height), which the caller checked against its limits."""
 
@@ -167,7 +170,7 @@ def _decode(container, stream, frame_pts, key_frames, indices, name, size: tuple
         if (frame.width, frame.height) != size:
             raise InputError(f"{name}: frame {i} is {frame.width}x{frame.height} but the stream's header says "
                              f"{size[0]}x{size[1]}")
-        return frame.to_image()
+        return shrink(frame.to_image())
 
     decoded = container.decode(stream)
     if frame_pts is None:  # no timestamps: count frames from the start, as the reference does

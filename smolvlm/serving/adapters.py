@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from contextlib import AsyncExitStack
 
+from . import parsing
 from .protocol import model_list
 
 CHAT = "/v1/chat/completions"
@@ -42,7 +43,8 @@ class Router:
         if path != CHAT:
             return await self.base(scope, receive, send)
         body, messages = await _read(receive, self.max_body_bytes)
-        app = self.apps.get(_model(body), self.base) if body is not None else self.base  # too large: base's 413
+        model = await parsing.parse(_model, body) if body is not None else None  # off the loop (parsing.py)
+        app = self.apps.get(model, self.base)  # too large: the base app answers 413
 
         async def replay():
             return messages.pop(0) if messages else await receive()

@@ -18,8 +18,8 @@ from PIL import Image
 
 from ..errors import InputError
 from ..generation import Prompt, SamplingParams, prepare
-from ..processing.images import load_image
-from ..processing.video import Video, sample_frame_indices
+from ..processing.images import load_image, to_rgb
+from ..processing.video import Video, frame_processor, sample_frame_indices
 from ..processing.video_decode import read_video
 from .detail import image_options
 from .fetch import Fetcher
@@ -113,7 +113,8 @@ def build_prompt(processor, request: ChatCompletionRequest, media: dict[str, byt
     decoded, budget = {}, PixelBudget(limits)
     for where, part in media_parts(request):
         if isinstance(part, ImagePart):
-            decoded[where] = {"type": "image", "image": decode_image(media[where], where, limits, budget)}
+            image = decode_image(media[where], where, limits, budget)
+            decoded[where] = {"type": "image", "image": processor.image_processor.shrink(to_rgb(image, where))}
         else:
             decoded[where] = {"type": "video", "video": load_video(processor, media[where], where, limits, budget)}
     messages = tools_turn(request)
@@ -172,8 +173,8 @@ def load_video(processor, data: bytes, where: str, limits: Limits, budget: Pixel
         budget.charge(len(indices) * pixels, where, f"{len(indices)} frames of {metadata.width}x{metadata.height}")
         return indices
 
-    try:
-        frames, indices, metadata = read_video(data, frames_to_keep, where)
+    try:  # each kept frame is shrunk as it is decoded, as the processor would resize it
+        frames, indices, metadata = read_video(data, frames_to_keep, where, frame_processor(processor).shrink)
     except InputError as e:
         raise APIError(str(e), 400, where, "invalid_video") from None
     return Video(frames, indices, metadata)

@@ -198,12 +198,25 @@ class APIError(Exception):
         super().__init__(message)
         self.message, self.status, self.param, self.code, self.type = message, status, param, code, type
 
+    def __reduce__(self):  # raised in the parser process (parsing.py): it crosses back pickled, every field kept
+        return APIError, (self.message, self.status, self.param, self.code, self.type)
+
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 def parse_request(body: bytes) -> ChatCompletionRequest:
     """The JSON body as a validated request (APIError 400 naming the problem otherwise)."""
+    data = parse_json(body)
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as e:
+        message, param = validation_error(e)
+        raise APIError(message, 400, param) from None
+
+
+def parse_json(body: bytes) -> dict:
+    """The JSON object of a body (APIError 400 invalid_json otherwise)."""
     try:
         data = json.loads(body, parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -217,11 +230,7 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
     if not isinstance(data, dict):
         raise APIError(f"The request body must be a JSON object, got a JSON {type(data).__name__}", 400, None,
                        "invalid_json")
-    try:
-        return ChatCompletionRequest.model_validate(data)
-    except ValidationError as e:
-        message, param = validation_error(e)
-        raise APIError(message, 400, param) from None
+    return data
 
 
 def _no_constant(name: str):

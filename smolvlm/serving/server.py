@@ -5,8 +5,9 @@ A chat completion goes: read the body (size-capped) -> validate (protocol.py) ->
 outputs (one JSON answer, or server-sent events). Every refusal is an OpenAI-format error; the server keeps serving.
 A client that goes away has its request aborted, which frees its batch slot at the next step.
 
-Two pools prepare requests, so that media never delays text: requests with images or videos (and large bodies) are
-parsed and decoded in the media pool, the others in the text pool, which a burst of image-heavy requests can't fill.
+Two pools prepare requests, so that media never delays text: requests with images or videos are decoded in the
+media pool, the others in the text pool, which a burst of image-heavy requests can't fill. Bodies over 256 KB are
+parsed in a separate process (parsing.py), since parsing holds the interpreter lock the other requests need.
 
 Shutdown (`drain`, called by `smolvlm serve` on SIGTERM / Ctrl-C): uvicorn stops accepting connections and lets the
 requests in flight run; those still running shortly before --shutdown-timeout end with a 503 (non-streamed) or, in
@@ -31,7 +32,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from ..generation import Prompt, SamplingParams, StepOutput
-from . import protocol, tokenize, ui
+from . import parsing, protocol, tokenize, ui
 from .fetch import Fetcher
 from .inputs import build_prompt, fetch_media, sampling_params
 from .limits import Limits
@@ -43,8 +44,7 @@ from .worker import Worker
 log = logging.getLogger("smolvlm.serving")
 
 TEXT_THREADS = 2  # text-only requests parsed and tokenized at once, beside the engine loop
-MEDIA_THREADS = 2  # requests with media (or large bodies) parsed and decoded at once; more wait their turn
-LARGE_BODY = 256 * 1024  # bytes: a body this big is parsed in the media pool
+MEDIA_THREADS = 2  # requests with media decoded at once; more wait their turn
 SHUTTING_DOWN = "The server is shutting down"
 
 
@@ -78,12 +78,13 @@ def create_app(vlm, model_name: str, limits: Limits = Limits(), max_batch: int =
             worker.stop()
             for pool in (app.state.text_pool, app.state.media_pool):
                 pool.shutdown(wait=False, cancel_futures=True)
+            parsing.shutdown()
             await app.state.fetcher.aclose()
 
     app = FastAPI(title="smolvlm", lifespan=lifespan)
     app.add_middleware(metrics.middleware)
     app.add_api_route("/metrics", metrics.scrape, methods=["GET"])  # Prometheus text format
-    tokenize.add_routes(app, vlm, limits, context)
+    tokenize.add_routes(app, vlm, limits, context, _read_body)
 
     closing = asyncio.Event()  # set at the shutdown deadline: every request still in flight ends with a 503
 
@@ -153,8 +154,7 @@ def create_app(vlm, model_name: str, limits: Limits = Limits(), max_batch: int =
             body = await _read_body(request, limits.max_body_bytes)
         except ClientDisconnect:
             return Response(status_code=499)
-        pool = app.state.media_pool if len(body) > LARGE_BODY else app.state.text_pool
-        chat = await loop.run_in_executor(pool, protocol.parse_request, body)
+        chat = await parsing.parse(protocol.parse_request, body, app.state.text_pool)
         if chat.model is not None and chat.model != model_name:
             raise _unknown_model(chat.model, model_name)
         if not worker.alive:

@@ -13,27 +13,31 @@ import json
 
 from fastapi import FastAPI, Request
 
+from . import parsing
 from .inputs import build_prompt, fetch_media
-from .protocol import APIError, parse_request
+from .protocol import APIError, ChatCompletionRequest, parse_json, parse_request
 
 
-async def _json(request: Request) -> dict:
-    try:
-        body = json.loads(await request.body())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise APIError(f"The request body is not valid JSON: {e}", 400, None, "invalid_json") from None
-    if not isinstance(body, dict):
-        raise APIError("The request body must be a JSON object", 400, None, "invalid_json")
-    return body
+def _parse(body: bytes) -> tuple[dict, ChatCompletionRequest | None]:
+    """The body's JSON object, or its messages as a validated chat request (run by parsing.parse)."""
+    data = parse_json(body)
+    if "messages" not in data:
+        return data, None
+    return {}, parse_request(json.dumps({"messages": data["messages"]}).encode())
 
 
-def add_routes(app: FastAPI, vlm, limits, context: int) -> None:
-    async def prompt_ids(body: dict) -> list[int]:
-        if isinstance(body.get("prompt"), str) and "messages" not in body:
+def add_routes(app: FastAPI, vlm, limits, context: int, read_body) -> None:
+    """`read_body(request, limit)`: the server's size-capped body reader."""
+
+    async def parsed(request: Request) -> tuple[dict, ChatCompletionRequest | None]:
+        body = await read_body(request, limits.max_body_bytes)
+        return await parsing.parse(_parse, body, app.state.text_pool)
+
+    async def prompt_ids(body: dict, chat: ChatCompletionRequest | None) -> list[int]:
+        if chat is None and isinstance(body.get("prompt"), str):
             return vlm.processor(text=[body["prompt"]])["input_ids"][0].tolist()
-        if "messages" not in body:
+        if chat is None:
             raise APIError("Give 'prompt' (a string) or 'messages' (a chat conversation)", 400, "prompt")
-        chat = parse_request(json.dumps({"messages": body["messages"]}).encode())
         media = await fetch_media(chat, app.state.fetcher, limits)
         loop = asyncio.get_running_loop()
         pool = app.state.media_pool if media else app.state.text_pool
@@ -42,12 +46,12 @@ def add_routes(app: FastAPI, vlm, limits, context: int) -> None:
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict:
-        tokens = await prompt_ids(await _json(request))
+        tokens = await prompt_ids(*await parsed(request))
         return {"count": len(tokens), "max_model_len": context, "tokens": tokens}
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict:
-        tokens = (await _json(request)).get("tokens")
+        tokens = (await parsed(request))[0].get("tokens")
         vocab = vlm.processor.tokenizer.get_vocab_size()
         if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < vocab for t in tokens):
             raise APIError(f"'tokens' must be a list of token ids (integers in [0, {vocab}))", 400, "tokens")

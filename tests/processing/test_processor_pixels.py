@@ -162,3 +162,20 @@ def test_float_arrays_in_unit_range_are_scaled_once(processors):
     expected = ours(text="<image>", images=hwc, **SMALL)
     for unit in (hwc.astype(np.float32) / 255, torch.from_numpy(hwc.astype(np.float64) / 255)):
         assert_same_inputs(ours(text="<image>", images=unit, **SMALL), expected)
+
+
+# -- shrinking as decoded (the server and the video reader free large originals at once) --
+
+
+@pytest.mark.parametrize("width,height,shrinks", [(4100, 2800, True), (2100, 3001, True), (3001, 1, False),
+                                                  (777, 333, False)])
+def test_shrunk_images_give_the_references_inputs(pair, width, height, shrinks):
+    """ImageProcessor.shrink (the first resize, applied as soon as an image is decoded) leaves the inputs the
+    reference makes from the original: it shrinks only to sizes the first resize keeps as they are (not 3001x1,
+    resized to 2048x1, which a second resize would make 2048x2), and never enlarges."""
+    ours, ref = pair
+    image = photo(width, height, seed=width)
+    shrunk = ours.image_processor.shrink(image)
+    assert (shrunk.width * shrunk.height < width * height) == shrinks
+    expected = ref(text="<image>", images=image, return_tensors="pt")
+    assert_same_inputs(ours(text="<image>", images=shrunk), expected)

@@ -198,6 +198,32 @@ def test_memory_stays_bounded_by_kept_frames(videos, tmp_path):
     assert m["peak_growth"] < whole / 8, m
 
 
+SHRINK_PROBE = """
+import json, resource, sys
+from smolvlm.processing.image_processor import ImageProcessor
+from smolvlm.processing.video import load_video
+shrink = ImageProcessor(size={"longest_edge": 512}, max_image_size=512, do_image_splitting=False).shrink
+load_video(sys.argv[2], fps=1, shrink=shrink)  # warm up: libraries, codec, threads
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+video = load_video(sys.argv[1], fps=4, shrink=shrink)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"peak_growth": (after - before) * 1024, "sizes": sorted({f.size for f in video.frames}),
+                  "frames": len(video.frames)}))
+"""
+
+
+def test_frames_shrunk_as_read_bound_memory_by_their_shrunk_size(videos, tmp_path):
+    """32 frames of 1920x1080 kept (190 MB of RGB at full size), each shrunk to the processor's 512x288 as it is
+    decoded: the peak RSS growth of a fresh process stays far below the full-size frames."""
+    spec = VideoSpec(1920, 1080, 8, 64, options={"preset": "ultrafast", "x264-params": "keyint=8"})
+    path = make_video(tmp_path / "hd.mp4", spec)
+    out = subprocess.run([sys.executable, "-c", SHRINK_PROBE, str(path), str(videos["clock_25fps_4s.mp4"])],
+                         capture_output=True, text=True, check=True)
+    m = json.loads(out.stdout)
+    assert m["frames"] == 32 and m["sizes"] == [[512, 288]]
+    assert m["peak_growth"] < 32 * 1920 * 1080 * 3 / 3, m
+
+
 # ---- errors: an InputError that names the file and the problem ----
 
 

@@ -4,6 +4,7 @@ import base64
 import re
 
 import pytest
+import torch
 
 from smolvlm.serving.inputs import sampling_params
 from smolvlm.serving.limits import Limits
@@ -85,3 +86,35 @@ def test_kept_video_frames_count_against_the_budget_before_decoding(vlm, tmp_pat
     with pytest.raises(APIError) as e:
         build_prompt(vlm.processor, request, media, Limits(max_request_pixels=4 * 64 * 48 - 1))
     assert e.value.code == "media_too_large" and "4 frames of 64x48" in e.value.message
+
+
+def test_media_are_shrunk_as_decoded_to_the_pixels_of_the_originals(vlm, tmp_path, monkeypatch):
+    """Each image and kept video frame reaches the processor already through its first resize (the large decoded
+    original is freed at once), and the request's pixel values are exactly the processor's on the originals."""
+    from server_process import png_data_url
+    from video_files import VideoSpec, make_video
+
+    import smolvlm.serving.inputs as inputs
+    from smolvlm.generation import prepare
+    from smolvlm.processing.images import load_image
+    from smolvlm.processing.video import load_video
+
+    seen = []
+    monkeypatch.setattr(inputs, "prepare", lambda p, messages, **kw: seen.append(messages) or prepare(p, messages, **kw))
+    images = [base64.b64decode(png_data_url(w, h, seed=w).partition(",")[2]) for w, h in [(640, 400), (60, 40)]]
+    request = media_request(("image_url", "data:,"), ("image_url", "data:,"))
+    media = {f"messages[0].content[{j}].image_url.url": data for j, data in enumerate(images)}
+    got = inputs.build_prompt(vlm.processor, request, media, Limits())
+    originals = [{"type": "image", "image": load_image(data)} for data in images]
+    expected = prepare(vlm.processor, [{"role": "user", "content": originals}])
+    assert [part["image"].size for part in seen[0][0]["content"]] == [(128, 80), (60, 40)]  # the 2nd: enlarged later
+    assert torch.equal(got.pixel_values, expected.pixel_values) and torch.equal(got.input_ids, expected.input_ids)
+
+    video = make_video(tmp_path / "v.mp4", VideoSpec(320, 240, 10, 30)).read_bytes()
+    request = media_request(("video_url", "data:,"))
+    got = inputs.build_prompt(vlm.processor, request, {"messages[0].content[0].video_url.url": video}, Limits())
+    sampling = vlm.processor.video_sampling
+    full = load_video(video, sampling.fps, sampling.max_frames)  # a Video of full-size frames, taken as it is
+    assert {f.size for f in seen[1][0]["content"][0]["video"].frames} == {(128, 96)} != {f.size for f in full.frames}
+    expected = prepare(vlm.processor, [{"role": "user", "content": [{"type": "video", "video": full}]}])
+    assert torch.equal(got.pixel_values, expected.pixel_values) and torch.equal(got.input_ids, expected.input_ids)
