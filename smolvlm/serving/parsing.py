@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -33,7 +36,8 @@ async def parse(parser: Callable[[bytes], T], body: bytes, threads: Executor | N
     if len(body) <= LARGE_BODY:
         return await loop.run_in_executor(threads, parser, body)
     if _processes is None:  # spawned: a fork of this threaded process (engine, event loop) isn't safe
-        _processes = ProcessPoolExecutor(1, multiprocessing.get_context("spawn"))
+        _processes = ProcessPoolExecutor(1, multiprocessing.get_context("spawn"), initializer=_end_with,
+                                         initargs=(os.getpid(),))
     try:
         return await loop.run_in_executor(_processes, parser, body)
     except BrokenProcessPool:  # the parser process died (killed for memory?): the next large body gets a new one
@@ -43,8 +47,20 @@ async def parse(parser: Callable[[bytes], T], body: bytes, threads: Executor | N
 
 
 def shutdown() -> None:
-    """End the parser process, if any (at server shutdown)."""
+    """End the parser process, if any (at server shutdown; waits for the parse in progress)."""
     global _processes
     if _processes is not None:
-        _processes.shutdown(wait=False, cancel_futures=True)
+        _processes.shutdown(wait=True, cancel_futures=True)
         _processes = None
+
+
+def _end_with(parent: int) -> None:
+    """In the parser process: exit once the server process is gone (killed: no shutdown() to end this one), which
+    its blocked read of the work queue alone would not notice (this process holds that pipe's other end too)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()

@@ -10,10 +10,12 @@ well before them."""
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 
 import httpx
+import psutil
 import pytest
 
 from server_process import KEY, MODEL, Server, png_data_url, user
@@ -96,3 +98,28 @@ def test_a_running_stream_keeps_flowing_while_heavy_requests_are_handled(roomy, 
     assert gap < max(heavy_s / 4, 3 * alone), f"the stream waited {gap:.2f} s while heavy requests took {heavy_s:.2f} s"
     if kind != "long prompt":  # preparation: text requests have their own pool (the engine prefills in order)
         assert light_s < heavy_s / 2, f"a text request took {light_s:.2f} s behind requests taking {heavy_s:.2f} s"
+
+
+@pytest.mark.parametrize("field, value", [("temperature", 3), ("seed", 2**64), ("messages", "x")])
+def test_large_bodies_parsed_in_the_parser_process_are_refused_as_small_ones(roomy, field, value):
+    """A body over 256 KB is parsed in another process: its errors come back whole (status, param, code)."""
+    body = {"model": MODEL, "messages": user("Hi"), "padding": "x" * 300_000, field: value}
+    small = {k: v for k, v in body.items() if k != "padding"}
+    large, reference = (roomy.http.post("/v1/chat/completions", json=b) for b in (body, small))
+    assert large.status_code == reference.status_code == 400
+    assert large.json() == reference.json() and large.json()["error"]["param"] == field
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_the_parser_process_ends_with_the_server(tiny_v2, tmp_path, sig):
+    """Stopped (SIGTERM) or killed (SIGKILL, no shutdown code runs), the server leaves no parser process behind."""
+    server = Server(tiny_v2, tmp_path / "server.log", "--max-body-mb", "4")
+    try:
+        body = {"model": MODEL, "messages": user("Hi"), "max_tokens": 1, "padding": "x" * 300_000}
+        assert server.http.post("/v1/chat/completions", json=body).status_code == 200
+        children = psutil.Process(server.process.pid).children(recursive=True)
+        assert any("multiprocessing" in " ".join(c.cmdline()) for c in children)
+    finally:
+        server.stop(sig)
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, [c.cmdline() for c in alive]
