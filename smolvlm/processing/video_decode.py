@@ -162,7 +162,8 @@ def _index(container, stream, name: str) -> tuple[list[int] | None, list[int], V
     return frame_pts, key_frames, metadata
 
 
-def _decode(container, stream, frame_pts, key_frames, indices, name, size: tuple[int, int], shrink) -> list[Image.Image]:
+def _decode(container, stream, frame_pts, key_frames, indices, name, size: tuple[int, int],
+            shrink) -> list[Image.Image]:
     """Decode frames `indices` (sorted frame numbers), seeking to the keyframe before each one when that skips work.
     Every kept frame must have the header's `size` (width, height), which the caller checked against its limits."""
 

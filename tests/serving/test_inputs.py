@@ -100,7 +100,8 @@ def test_media_are_shrunk_as_decoded_to_the_pixels_of_the_originals(vlm, tmp_pat
     from smolvlm.processing.video import load_video
 
     seen = []
-    monkeypatch.setattr(inputs, "prepare", lambda p, messages, **kw: seen.append(messages) or prepare(p, messages, **kw))
+    monkeypatch.setattr(inputs, "prepare", lambda p, messages, **kw: seen.append(messages) or
+                        prepare(p, messages, **kw))
     images = [base64.b64decode(png_data_url(w, h, seed=w).partition(",")[2]) for w, h in [(640, 400), (60, 40)]]
     request = media_request(("image_url", "data:,"), ("image_url", "data:,"))
     media = {f"messages[0].content[{j}].image_url.url": data for j, data in enumerate(images)}
