@@ -57,10 +57,11 @@ class Ours:
         self.model, self.processor, self.device = self.vlm.model, self.vlm.processor, self.vlm.model.device
         self.engines = {}  # (batch, cached) -> Engine
 
-    def _prompts(self, conversations, split):
+    def _prompts(self, conversations, split, cached: bool = False):
         from smolvlm.generation import prepare_all
 
-        return prepare_all(self.processor, conversations, do_image_splitting=split)
+        images = self.vlm.caches.images if cached else None  # processed images of earlier runs
+        return prepare_all(self.processor, conversations, do_image_splitting=split, image_cache=images)
 
     def engine(self, batch: int, length: int, cached: bool = False, **options):
         """An engine sized like smolvlm.load's (room for the prompts and the answers), kept for the next run; with
@@ -81,7 +82,7 @@ class Ours:
         from smolvlm.generation import SamplingParams
 
         start = time.perf_counter()
-        prompts = self._prompts(conversations, split)
+        prompts = self._prompts(conversations, split, cached)
         preprocess = time.perf_counter() - start
         longest = max(len(p) for p in prompts)
         engine = self.engine(len(prompts), longest + new_tokens, cached)

@@ -144,6 +144,8 @@ class SmolVLM:
         first PREPARE_AHEAD conversations are all checked before any is queued."""
         options = {k: params.pop(k) for k in PROCESSOR_OPTIONS if k in params}
         options = {k: v for k, v in options.items() if v is not None}  # None: the checkpoint's setting
+        if self.caches is not None:  # a picture sent again (a chat's later turns) is neither tiled nor hashed again
+            options["image_cache"] = self.caches.images
         grammar = _grammar(params)  # pops json_schema / regex / choices
         sampling = SamplingParams(**params, grammar=grammar)
         started: list[tuple[Engine, str]] = []

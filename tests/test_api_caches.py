@@ -36,6 +36,29 @@ def test_chat_turns_reuse_earlier_calls_and_answer_as_without_caches(pair):
         history.append({"role": "assistant", "content": got.text})
     snapshot = cached.caches.snapshot()
     assert snapshot["prefix"]["reused_tokens"] > 0 and snapshot["image_features"]["misses"] == 5  # 4 tiles + global
+    assert snapshot["processed_images"]["misses"] == 1 and snapshot["processed_images"]["hits"] == 2  # not re-tiled
+
+
+def test_a_file_that_changed_between_turns_is_processed_again(pair, tmp_path):
+    """Keys follow the pixels: the same path with one pixel edited misses every cache that holds its frames, and the
+    answer is the uncached one for the new picture."""
+    cached, plain = pair
+    images, features = cached.caches.images, cached.caches.features
+    counts = images.misses, images.hits, features.misses, features.hits
+    path = tmp_path / "photo.png"
+    image = picture(5)
+    for edit in range(2):
+        if edit:
+            pixels = np.asarray(image).copy()
+            pixels[3, 4, 0] ^= 1
+            Image.fromarray(pixels).save(path)
+        else:
+            image.save(path)
+        history = [user("What is this?", str(path))]
+        got, expected = cached.complete(history, max_new_tokens=N), plain.complete(history, max_new_tokens=N)
+        assert got.token_ids == expected.token_ids and got.cached_tokens < 32  # at most the text before the image
+    after = images.misses, images.hits, features.misses, features.hits
+    assert [b - a for a, b in zip(counts, after)] == [2, 0, 10, 0]  # each picture's 5 frames, encoded once
 
 
 def test_a_batch_about_one_image_encodes_it_once_and_streams_agree(pair):

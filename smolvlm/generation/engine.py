@@ -206,7 +206,10 @@ class Engine:
             r.frame_of = torch.where(is_image, (before - 1) // config.image_seq_len, -1)  # [T]
             r.images_before = torch.cat([before.new_zeros(1), before])  # [T + 1]
         if self.caches is not None:
-            r.frames = None if not n_frames else frame_keys(prompt.pixel_values, prompt.pixel_attention_mask)
+            if n_frames:  # keys from the processor's image cache (prepare), else the frames are hashed here
+                given = prompt.frame_keys
+                r.frames = given if given is not None and len(given) == n_frames else frame_keys(
+                    prompt.pixel_values, prompt.pixel_attention_mask)
             extend_keys(r.keys, prompt.input_ids, r.frame_of, r.frames, len(prompt))
         return r
 

@@ -31,7 +31,7 @@ def frame_keys(pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor) -
 
 
 class LRU:
-    """Tensors by key under a byte budget; the least recently used go first. Thread-safe. Counts hits (`get` found
+    """Values (tensors, or anything with `nbytes`) by key under a byte budget; the least recently used go first. Thread-safe. Counts hits (`get` found
     the key) and misses (a value was computed and `put`: several lookups of one missing key that a single
     computation serves count once)."""
 
@@ -55,7 +55,7 @@ class LRU:
 
     def put(self, key: bytes, value: torch.Tensor) -> None:
         """Keep `value` (a tensor the caller no longer writes) unless it alone exceeds the budget."""
-        size = value.numel() * value.element_size()
+        size = value.nbytes
         with self.lock:
             if key in self.entries:
                 self.entries.move_to_end(key)
@@ -67,7 +67,7 @@ class LRU:
             self.bytes += size
             while self.bytes > self.max_bytes:
                 _, old = self.entries.popitem(last=False)
-                self.bytes -= old.numel() * old.element_size()
+                self.bytes -= old.nbytes
                 self.evictions += 1
 
     def touch(self, keys) -> None:

@@ -16,26 +16,29 @@ END_OF_UTTERANCE = "<end_of_utterance>"
 
 @dataclass
 class Prompt:
-    """Model inputs of one conversation: input_ids [T], and its image frames [I, 3, H, W] / [I, H, W] if any."""
+    """Model inputs of one conversation: input_ids [T], and its image frames [I, 3, H, W] / [I, H, W] if any, with
+    their content keys when the processor's image cache gave them (else the engine hashes the frames)."""
 
     input_ids: torch.Tensor
     pixel_values: torch.Tensor | None = None
     pixel_attention_mask: torch.Tensor | None = None
+    frame_keys: list[bytes] | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
 
-
 def prepare(processor, messages, **options) -> Prompt:
     """Chat-template and tokenize one conversation, loading and splitting its images. `options` go to the processor
-    (per-call settings such as fps, max_frames, do_image_splitting)."""
+    (per-call settings such as fps, max_frames, do_image_splitting, and image_cache: `Caches.images`, so a picture
+    sent again is neither tiled nor hashed again)."""
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **options)
     pixel_values = inputs.get("pixel_values")
     return Prompt(
         inputs["input_ids"][0],
         None if pixel_values is None else pixel_values[0],
         None if pixel_values is None else inputs["pixel_attention_mask"][0],
+        inputs["frame_keys"][0] if "frame_keys" in inputs else None,
     )
 
 

@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 from ..errors import ConfigError, InputError
 from ..hub import resolve
 from .chat import collect_media, has_video, normalize_conversations, render
+from .image_cache import process_batch
 from .image_processor import ImageProcessor
 from .images import load_image
 from .prompt import ImageTokens, expand_images
@@ -23,7 +24,7 @@ from .video import VIDEO_CHAT_TEMPLATE, VIDEO_TOKEN, VideoSampling, expand_video
 
 FAMILIES = {"Idefics3Processor": "idefics3", "SmolVLMProcessor": "smolvlm"}  # processor_class -> model_type
 CALL_KWARGS = ("padding", "truncation", "max_length", "padding_side", "return_tensors", "do_image_splitting", "size",
-               "max_image_size", "do_resize", "fps", "max_frames")
+               "max_image_size", "do_resize", "fps", "max_frames", "image_cache")
 
 
 class Processor:
@@ -82,7 +83,7 @@ class Processor:
                  truncation: bool | str | None = None, max_length: int | None = None, padding_side: str | None = None,
                  return_tensors: str = "pt", do_image_splitting: bool | None = None, size: dict | None = None,
                  max_image_size: dict | None = None, do_resize: bool | None = None, videos=None,
-                 fps: float | None = None, max_frames: int | None = None) -> dict[str, torch.Tensor]:
+                 fps: float | None = None, max_frames: int | None = None, image_cache=None) -> dict[str, torch.Tensor]:
         """Model inputs for one prompt or a batch.
 
         `images`: one image, a flat list (the images of one prompt; for v1 checkpoints with several prompts, split
@@ -90,7 +91,10 @@ class Processor:
         source `load_image` takes. Each prompt must hold one `<image>` per image. `padding_side` defaults to the
         tokenizer's ("right"); batched generation wants "left". The image settings override the checkpoint's for
         this call. `videos` (SmolVLM2 only): each `<video>` in the text is expanded; `fps` and `max_frames`
-        override the checkpoint's video sampling (see processing/video.py, docs/video.md).
+        override the checkpoint's video sampling (see processing/video.py, docs/video.md). `image_cache`: processed
+        images by content (image_cache.py): a picture seen before is not resized and tiled again, the output's
+        `pixel_values` may be the cached frames themselves (read only), and it adds `frame_keys`, one content key per
+        real frame for each prompt.
         """
         if return_tensors != "pt":
             raise InputError(f"return_tensors = {return_tensors!r}: only 'pt' (torch tensors) is supported")
@@ -102,8 +106,13 @@ class Processor:
         if batch is not None:
             images_rgb = [[_load(source, b, j) for j, source in enumerate(sample)] for b, sample in enumerate(batch)]
             processor = self.image_processor.with_overrides(do_resize, size, max_image_size, do_image_splitting)
-            pixels = processor(images_rgb)
-            out = {"pixel_values": pixels.pixel_values, "pixel_attention_mask": pixels.pixel_attention_mask}
+            if image_cache is None:
+                pixels = processor(images_rgb)
+                out = {}
+            else:
+                pixels, keys = process_batch(processor, images_rgb, image_cache)
+                out = {"frame_keys": keys}
+            out |= {"pixel_values": pixels.pixel_values, "pixel_attention_mask": pixels.pixel_attention_mask}
             if texts is not None:
                 texts = expand_images(texts, pixels.rows, pixels.cols, self.image_seq_len, self.image_tokens)
         if videos is not None or any(VIDEO_TOKEN in t for t in texts or ()):

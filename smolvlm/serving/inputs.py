@@ -106,8 +106,10 @@ class PixelBudget:
                            "(--max-request-pixels)", 400, where, "media_too_large")
 
 
-def build_prompt(processor, request: ChatCompletionRequest, media: dict[str, bytes], limits: Limits) -> Prompt:
-    """Check the text, check and decode the media, render the chat template and tokenize (in a worker thread)."""
+def build_prompt(processor, request: ChatCompletionRequest, media: dict[str, bytes], limits: Limits,
+                 image_cache=None) -> Prompt:
+    """Check the text, check and decode the media, render the chat template and tokenize (in a worker thread);
+    `image_cache` (Caches.images): pictures processed before are not tiled again."""
     if not limits.allow_control_tokens:
         check_text(processor, request)
     decoded, budget = {}, PixelBudget(limits)
@@ -128,7 +130,7 @@ def build_prompt(processor, request: ChatCompletionRequest, media: dict[str, byt
             ]  # fmt: skip
         messages.append({"role": ROLES.get(message.role, message.role), "content": history_content(message, content)})
     try:
-        return prepare(processor, messages, **image_options(request))
+        return prepare(processor, messages, image_cache=image_cache, **image_options(request))
     except InputError as e:
         raise APIError(str(e), 400, "messages") from None
 

@@ -164,7 +164,8 @@ def create_app(vlm, model_name: str, limits: Limits = Limits(), max_batch: int =
             await loop.run_in_executor(app.state.text_pool, check, vlm, grammar(chat), chat)  # a bad schema: 400 first
             media = await fetch_media(chat, app.state.fetcher, limits)
             pool = app.state.media_pool if media else app.state.text_pool
-            prompt = await loop.run_in_executor(pool, build_prompt, vlm.processor, chat, media, limits)
+            prompt = await loop.run_in_executor(pool, build_prompt, vlm.processor, chat, media, limits,
+                                                None if vlm.caches is None else vlm.caches.images)
             return prompt, sampling_params(chat, len(prompt), context, limits)
 
         request_id = f"chatcmpl-{uuid.uuid4().hex}"

@@ -141,7 +141,7 @@ class Worker:
         caches = self.engine.caches
         if caches is not None:
             m.image_cache_hits, m.image_cache_misses = caches.features.hits, caches.features.misses
-            m.cache_bytes = caches.features.bytes + caches.prefix.blocks.bytes
+            m.cache_bytes = caches.bytes
 
     def _reset(self, error: Exception) -> None:
         with self.lock:
