@@ -63,6 +63,10 @@ class Ours:
         images = self.vlm.caches.images if cached else None  # processed images of earlier runs
         return prepare_all(self.processor, conversations, do_image_splitting=split, image_cache=images)
 
+    def clear(self) -> None:
+        """Empty the caches (`smolvlm.load`'s, the default budget)."""
+        self.vlm.caches.clear()
+
     def engine(self, batch: int, length: int, cached: bool = False, **options):
         """An engine sized like smolvlm.load's (room for the prompts and the answers), kept for the next run; with
         the caches of `smolvlm.load` (cached) or none."""
@@ -132,6 +136,9 @@ class Reference:
             processor_kwargs=kwargs,
         )
         return inputs.to(self.device)
+
+    def clear(self) -> None:
+        """The reference has no cache across calls."""
 
     def run(self, conversations, new_tokens: int, split: bool, cached: bool = False) -> Timing:
         """`cached` is ignored: the reference has no cache across calls."""

@@ -35,7 +35,7 @@ class Metrics:
     cached_tokens: int = 0  # of those, the ones whose keys/values came from the prefix cache
     image_cache_hits: int = 0  # image frames whose features came from the feature cache (the model's engines)
     image_cache_misses: int = 0  # image frames encoded
-    cache_bytes: int = 0  # held by the prefix and image-feature caches now
+    cache_bytes: int = 0  # held by the prefix, image-feature and processed-image caches now
 
 
 class Worker:
