@@ -9,8 +9,8 @@ cache positions and a row's length is all the engine needs to know about it. Row
 still being prefilled. A decode step attends keys 0..S-1 with mask `arange(S) <= pos[b]`, where S is the longest row
 rounded up (known on the host without a sync), so short batches never attend over the whole cache.
 
-Life of a request. `add_request` prepares the inputs (chat template, images), hashes its image frames and its prompt's
-blocks (caches on) in the caller's thread, and queues it. `step` then (1) drops aborted requests, (2) decodes one
+Life of a request. `add_request` prepares the inputs (chat template, images), hashes its image frames (unless
+`prepare`'s image cache gave their keys) and its prompt's blocks (caches on) in the caller's thread, and queues it. `step` then (1) drops aborted requests, (2) decodes one
 token for every decoding row, (3) admits queued requests into free slots, copying the longest cached prefix of each
 into its row, (4) prefills: with nothing decoding, the whole prompts at once, else chunks under the scheduler's
 budget. A prefill writes prompt positions start..end-1 of each row, attending the row's keys 0..end-1 (right-padded
