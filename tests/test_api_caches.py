@@ -89,3 +89,15 @@ def test_a_video_chat_answers_as_without_caches(pair, tmp_path):
         assert got.token_ids == expected.token_ids
         assert (got.cached_tokens > 0) == (i > 0)
         history += [{"role": "assistant", "content": got.text}, user("And then?")]
+
+
+def test_an_engine_given_messages_prepares_them_through_the_processed_image_cache(pair):
+    from smolvlm.generation import SamplingParams
+
+    cached, plain = pair
+    engine, hits = cached.new_engine(max_batch=2), cached.caches.images.hits
+    messages = [user("What is this?", picture(6))]
+    results = engine.generate([messages, messages], SamplingParams(max_new_tokens=N))
+    assert cached.caches.images.hits - hits == 1  # the second conversation's picture
+    expected = plain.complete(messages, max_new_tokens=N).token_ids
+    assert results[0].token_ids == results[1].token_ids == expected

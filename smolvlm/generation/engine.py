@@ -180,7 +180,7 @@ class Engine:
         """A request for `prompt` (messages or a Prompt), checked and hashed; not queued yet."""
         params = params or SamplingParams()
         if not isinstance(prompt, Prompt):
-            prompt = prepare(self.processor, prompt)
+            prompt = prepare(self.processor, prompt, image_cache=None if self.caches is None else self.caches.images)
         if len(prompt) >= self.max_len:
             raise InputError(f"The prompt has {len(prompt)} tokens; this engine holds at most {self.max_len - 1}")
         config = self.model.config
