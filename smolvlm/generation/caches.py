@@ -3,9 +3,9 @@ processed images (processing/image_cache.py: what `prepare(..., image_cache=cach
 
 `Caches(cache_mb)` splits one memory budget: 1/8 for image features (a frame's features are small), 1/4 for processed
 images (a 13-tile photo's float32 frames are 41 MB: the default budget keeps one such photo, or dozens of one-tile
-images), the rest for KV blocks. A `Caches` belongs to one model (keys are content hashes, not model names); `smolvlm.load` makes one per
-`SmolVLM`, and every engine it builds (the API's, the server's) uses it, so a later call or request finds the work of
-an earlier one.
+images), the rest for KV blocks. A `Caches` belongs to one model (keys are content hashes, not model names);
+`smolvlm.load` makes one per `SmolVLM`, and every engine it builds (the API's, the server's) uses it, so a later call
+or request finds the work of an earlier one.
 """
 
 from __future__ import annotations

@@ -10,10 +10,10 @@ still being prefilled. A decode step attends keys 0..S-1 with mask `arange(S) <=
 rounded up (known on the host without a sync), so short batches never attend over the whole cache.
 
 Life of a request. `add_request` prepares the inputs (chat template, images), hashes its image frames (unless
-`prepare`'s image cache gave their keys) and its prompt's blocks (caches on) in the caller's thread, and queues it. `step` then (1) drops aborted requests, (2) decodes one
-token for every decoding row, (3) admits queued requests into free slots, copying the longest cached prefix of each
-into its row, (4) prefills: with nothing decoding, the whole prompts at once, else chunks under the scheduler's
-budget. A prefill writes prompt positions start..end-1 of each row, attending the row's keys 0..end-1 (right-padded
+`prepare`'s image cache gave their keys) and its prompt's blocks (caches on) in the caller's thread, and queues it.
+`step` then (1) drops aborted requests, (2) decodes one token for every decoding row, (3) admits queued requests into
+free slots, copying the longest cached prefix of each into its row, (4) prefills: with nothing decoding, the whole
+prompts at once, else chunks under the scheduler's budget. A prefill writes prompt positions start..end-1 of each row, attending the row's keys 0..end-1 (right-padded
 chunks under a mask); the frames a chunk shows are taken from the feature cache or encoded as one batch (each
 distinct frame once). A request whose prompt is complete samples its first token and becomes a decoding row; its
 prompt blocks go to the prefix cache. A request that finishes stores its prompt + answer blocks and leaves at once;

@@ -31,9 +31,9 @@ def frame_keys(pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor) -
 
 
 class LRU:
-    """Values (tensors, or anything with `nbytes`) by key under a byte budget; the least recently used go first. Thread-safe. Counts hits (`get` found
-    the key) and misses (a value was computed and `put`: several lookups of one missing key that a single
-    computation serves count once)."""
+    """Values (tensors, or anything with `nbytes`) by key under a byte budget; the least recently used go first.
+    Thread-safe. Counts hits (`get` found the key) and misses (a value was computed and `put`: several lookups of one
+    missing key that a single computation serves count once)."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes

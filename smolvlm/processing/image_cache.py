@@ -72,5 +72,6 @@ def process_batch(processor: ImageProcessor, images: list[list[Image.Image]], ca
             if sample:
                 torch.cat([e.frames for e in sample], out=pixel_values[b, : counts[b]])
                 mask[b, : counts[b]] = 1
-    batch = ImageBatch(pixel_values, mask, [[e.rows for e in s] for s in entries], [[e.cols for e in s] for s in entries])
+    rows, cols = [[e.rows for e in s] for s in entries], [[e.cols for e in s] for s in entries]
+    batch = ImageBatch(pixel_values, mask, rows, cols)
     return batch, [[k for e in sample for k in e.keys] for sample in entries]
