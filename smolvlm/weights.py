@@ -136,6 +136,13 @@ def read_tensors(folder: str | Path, keys: list[str], dtype: torch.dtype, device
     }
 
 
+def read_tensor(path: Path, key: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One tensor of the safetensors file `path` (in `dtype` if floating point), the file mapped only while the tensor
+    lives (see `read_tensors`)."""
+    ((_, tensor),) = _tensors(path, lambda found: [key], dtype, device)
+    return tensor
+
+
 def _tensors(path: Path, select, dtype: torch.dtype, device: torch.device):
     """(key, tensor) for the keys `select(keys of the file)` picks, floating point ones in `dtype`, one at a time;
     a file that can't be read raises a CheckpointError naming it."""

@@ -54,12 +54,14 @@ class Model(nn.Module):
         revision: str | None = None,
         fuse: bool = False,
         quantize: str | None = None,
+        defer: frozenset[str] = frozenset(),
     ) -> Model:
         """Load a checkpoint folder or hub repo id. `dtype` defaults to the checkpoint's own (fp32 if it names none);
         `device` to the CPU. Weights go one by one straight to `device` in `dtype`.
 
         fuse=True returns the model fused for inference (see `fuse`), reading the weights it copies straight into
-        their fused layout; quantize="int8" (implies fuse) with int8 text-decoder weights."""
+        their fused layout; quantize="int8" (implies fuse) with int8 text-decoder weights. Keys in `defer` are checked
+        but left on the meta device for the caller to fill (QLoRA quantizes them as it reads them)."""
         folder = hub.resolve(path_or_repo_id, revision=revision)
         config = SmolVLMConfig.from_pretrained(folder)
         dtype = resolve_dtype(dtype, config.dtype)
@@ -69,7 +71,7 @@ class Model(nn.Module):
             model = cls(config)
         tied = frozenset({"lm_head.weight"} if config.tie_word_embeddings else ())
         copied = frozenset(fast.copied_keys(model)) if fuse or quantize else frozenset()
-        load_weights(model, folder, dtype, device, skip=tied, defer=copied)
+        load_weights(model, folder, dtype, device, skip=tied, defer=copied | defer)
         if config.tie_word_embeddings and not copied:
             model.lm_head.weight = model.model.text_model.embed_tokens.weight
         rotary = model.model.text_model.rotary_emb

@@ -1,7 +1,7 @@
 """QLoRA: the frozen base's linear layers held in 4-bit NF4 with double quantization (bitsandbytes `Linear4bit`, as
 the official SmolVLM fine-tuning notebook loads it), LoRA adapters in bf16/fp32 on top through peft.
 
-Quantization is a module swap after loading: every `nn.Linear` of the text model, the vision encoder and the connector
+Quantization is a module swap at load time: every `nn.Linear` of the text model, the vision encoder and the connector
 becomes a `bnb.nn.Linear4bit` holding the same weight in NF4 (64-weight blocks, each with an absmax scale, the scales
 themselves quantized to 8 bits in blocks of 256: ~4.13 bits per weight). `lm_head`, embeddings and norms stay in the
 compute dtype (as transformers' `load_in_4bit` leaves them). The model code is untouched: a `Linear4bit` is an
@@ -25,8 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import SmolVLMConfig
 from ..errors import InputError
 from ..model import Model
+from ..weights import read_shapes, read_tensor, weight_files
 from .extras import need
 
 QUANTIZED_PARTS = ("text_model", "vision_model", "connector")  # under model.model; lm_head stays in compute dtype
@@ -51,39 +53,53 @@ def compute_dtype(requested: torch.dtype, device: torch.device) -> torch.dtype:
     return requested
 
 
-def quantize(model: Model) -> Model:
-    """Swap the base's linear layers for NF4 `Linear4bit`s in place (frozen), one layer at a time so the peak stays
-    near the loaded model's size. peft then wraps them with its 4-bit LoRA layers (`is_loaded_in_4bit`)."""
+def load_quantized(folder: Path, dtype: torch.dtype, device: torch.device) -> Model:
+    """The checkpoint in `folder` with the base's linear layers in NF4 (frozen), quantized as they are read: one weight
+    at a time comes off the file in `dtype`, is quantized and dropped, so loading never holds the full-precision
+    linear layers (its peak is the 4-bit model plus one weight). peft then wraps the `Linear4bit`s with its 4-bit
+    LoRA layers (`is_loaded_in_4bit`)."""
     need("bitsandbytes", FEATURE)
-    if model.fused:
-        raise InputError("QLoRA quantizes the plain model; this one is fused for inference (call model.unfuse())")
-    for part in QUANTIZED_PARTS:
-        quantize_linears(getattr(model.model, part), model.dtype)
+    with torch.device("meta"):
+        meta = Model(SmolVLMConfig.from_pretrained(folder))
+    linears = [name for part in QUANTIZED_PARTS for name, module in meta.model.get_submodule(part).named_modules(
+        prefix=f"model.{part}") if type(module) is nn.Linear]
+    model = Model.from_pretrained(folder, dtype=dtype, device=device, defer=frozenset(f"{n}.weight" for n in linears))
+    files = read_shapes(weight_files(folder))  # key -> (file, shape)
+    for name in linears:
+        linear = model.get_submodule(name)
+        # Its file is mapped for this weight only, so the bf16 pages are released with it (a mapping kept open
+        # for the whole load would keep every weight read resident).
+        linear.weight = nn.Parameter(read_tensor(files[f"{name}.weight"][0], f"{name}.weight", dtype, device))
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, quantize_linear(linear, dtype))
     model.requires_grad_(False)
-    model.is_loaded_in_4bit = True  # peft: wrap Linear4bit targets with its 4-bit LoRA layer
+    model.is_loaded_in_4bit = True
     return model
 
 
 def quantize_linears(root: nn.Module, dtype: torch.dtype) -> None:
     """Every `nn.Linear` under `root` -> an NF4 `Linear4bit` computing in `dtype`, frozen (in place)."""
-    bnb = need("bitsandbytes", FEATURE)
     for name, linear in list(root.named_modules()):
-        if type(linear) is not nn.Linear:
-            continue
-        padding = -linear.in_features % BLOCK
-        kind = padded_linear4bit() if padding else bnb.nn.Linear4bit
-        q = kind(linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=dtype,
-                 compress_statistics=True, quant_type="nf4", device=torch.device("meta"))
-        q.weight = bnb.nn.Params4bit(F.pad(linear.weight.data, (0, padding)), requires_grad=False,
-                                     compress_statistics=True, quant_type="nf4", blocksize=BLOCK)
-        if linear.bias is not None:
-            q.bias = nn.Parameter(linear.bias.data, requires_grad=False)
-        # Not the CPU inference repacking bnb does on the first eval-mode no-grad forward: it rewrites the weight
-        # into a layout only its no-autograd gemv reads, which would break training after an eval pass.
-        q.support_avx512bf16_for_cpu = False
-        q = q.to(linear.weight.device)  # quantizes the weight (Params4bit quantizes when moved to a device)
-        parent, _, leaf = name.rpartition(".")
-        setattr(root.get_submodule(parent) if parent else root, leaf, q)
+        if type(linear) is nn.Linear:
+            parent, _, leaf = name.rpartition(".")
+            setattr(root.get_submodule(parent) if parent else root, leaf, quantize_linear(linear, dtype))
+
+
+def quantize_linear(linear: nn.Linear, dtype: torch.dtype) -> nn.Module:
+    """The NF4 `Linear4bit` (computing in `dtype`, frozen) holding `linear`'s weight, on its device."""
+    bnb = need("bitsandbytes", FEATURE)
+    padding = -linear.in_features % BLOCK
+    kind = padded_linear4bit() if padding else bnb.nn.Linear4bit
+    q = kind(linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=dtype,
+             compress_statistics=True, quant_type="nf4", device=torch.device("meta"))
+    q.weight = bnb.nn.Params4bit(F.pad(linear.weight.data, (0, padding)), requires_grad=False,
+                                 compress_statistics=True, quant_type="nf4", blocksize=BLOCK)
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+    # Not the CPU inference repacking bnb does on the first eval-mode no-grad forward: it rewrites the weight into a
+    # layout only its no-autograd gemv reads, which would break training after an eval pass.
+    q.support_avx512bf16_for_cpu = False
+    return q.to(linear.weight.device)  # quantizes the weight (Params4bit quantizes when moved to a device)
 
 
 def dequantized(model: Model) -> Model:

@@ -64,9 +64,10 @@ def finetune(options: FinetuneOptions | None = None, **kwargs) -> FinetuneResult
     torch.manual_seed(o.seed)  # LoRA's initial weights and dropout draw from it
     device = o.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = qlora.compute_dtype(getattr(torch, o.dtype), torch.device(device)) if o.qlora else o.dtype
-    model = Model.from_pretrained(folder, dtype=dtype, device=device)
     if o.qlora:
-        qlora.quantize(model)
+        model = qlora.load_quantized(folder, dtype, torch.device(device))
+    else:
+        model = Model.from_pretrained(folder, dtype=dtype, device=device)
     peft_model = None
     if o.full:
         if o.freeze_vision:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from smolvlm import InputError, Model
 from smolvlm.training import finetune
-from smolvlm.training.qlora import dequantized, quantize
+from smolvlm.training.qlora import QUANTIZED_PARTS, dequantized, load_quantized, quantize_linears
 from test_outputs import logits, reference
 
 # The tolerance NF4 implies: its 16 levels (in units of a 64-weight block's absmax) are at most 1 - 0.7230 apart, so
@@ -23,7 +23,7 @@ NF4_BOUND = (1 - 0.7229568362236023) / 2 * 1.15
 
 def test_nf4_forward_equals_its_dequantized_weights(tiny_v2, inputs):
     original = Model.from_pretrained(tiny_v2, dtype="bfloat16")
-    quantized = quantize(Model.from_pretrained(tiny_v2, dtype="bfloat16"))
+    quantized = load_quantized(tiny_v2, torch.bfloat16, torch.device("cpu"))
     linears = {n for n, m in quantized.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     parts = {n.split(".")[1] for n in linears}
     assert parts == {"text_model", "vision_model", "connector"} and "lm_head" not in linears
@@ -33,7 +33,7 @@ def test_nf4_forward_equals_its_dequantized_weights(tiny_v2, inputs):
         m = quantized.get_submodule(name)
         assert m.weight.numel() * 2 == m.out_features * (m.in_features + -m.in_features % 64), name
 
-    plain = dequantized(quantize(Model.from_pretrained(tiny_v2, dtype="bfloat16")))
+    plain = dequantized(load_quantized(tiny_v2, torch.bfloat16, torch.device("cpu")))
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in plain.modules())
     # The 4-bit model computes exactly what its dequantized weights compute in bf16 (both matmuls run in bf16 on the
     # same bf16 weights; the only differences are bf16 rounding of the accumulation order).
@@ -47,6 +47,24 @@ def test_nf4_forward_equals_its_dequantized_weights(tiny_v2, inputs):
         absmax = torch.nn.functional.pad(w.abs(), (0, pad)).view(-1, 64).amax(1).repeat_interleave(64)[: len(w)]
         assert ((d - w).abs() <= NF4_BOUND * absmax + 1e-6).all(), name
         assert (d - w).abs().max() > 0  # it was quantized, not copied
+
+
+def test_quantized_while_read_equals_quantized_after_loading(tiny_v2):
+    """load_quantized reads and quantizes one weight at a time; the model is the one that quantizing the whole loaded
+    bf16 model gives: the same 4-bit codes, the same scales, the same unquantized weights."""
+    after = Model.from_pretrained(tiny_v2, dtype="bfloat16")
+    for part in QUANTIZED_PARTS:
+        quantize_linears(getattr(after.model, part), torch.bfloat16)
+    read = load_quantized(tiny_v2, torch.bfloat16, torch.device("cpu"))
+    expected = dict(after.named_parameters())
+    assert set(dict(read.named_parameters())) == set(expected)
+    for name, p in read.named_parameters():
+        assert not p.requires_grad and p.dtype == expected[name].dtype and torch.equal(p, expected[name]), name
+        if isinstance(p, bnb.nn.Params4bit):
+            q, e = p.quant_state, expected[name].quant_state
+            assert torch.equal(q.absmax, e.absmax) and torch.equal(q.state2.absmax, e.state2.absmax), name
+            assert q.shape == e.shape and q.offset == e.offset, name
+    assert read.is_loaded_in_4bit and sum(isinstance(p, bnb.nn.Params4bit) for p in read.parameters()) > 0
 
 
 def run(tiny, dataset, output, **options):
