@@ -3,21 +3,23 @@ image-feature caches and chunked prefill.
 
 Layout. engine.py: the public Engine and the life of a request; prompt.py: a request's inputs; scheduler.py: the
 waiting queue, admission and each step's prefill budget; prefix_cache.py: hashed KV blocks of earlier sequences;
-feature_cache.py: image features by pixel content (caches.py holds both for all the engines of one model). Requests
-occupy cache rows 0..n-1, each right-aligned at its own positions 0..len-1 (no left padding), so RoPE positions are
-cache positions and a row's length is all the engine needs to know about it. Rows 0..d-1 are decoding, rows d..n-1 are
-still being prefilled. A decode step attends keys 0..S-1 with mask `arange(S) <= pos[b]`, where S is the longest row
-rounded up (known on the host without a sync), so short batches never attend over the whole cache.
+feature_cache.py: image features by pixel content (caches.py holds both for all the engines of one model);
+cuda_graphs.py: the decode step replayed from CUDA graphs on a GPU. Requests occupy cache rows 0..n-1, each
+right-aligned at its own positions 0..len-1 (no left padding), so RoPE positions are cache positions and a row's
+length is all the engine needs to know about it. Rows 0..d-1 are decoding, rows d..n-1 are still being prefilled. A
+decode step attends keys 0..S-1 with mask `arange(S) <= pos[b]`, where S is the longest row rounded up (known on the
+host without a sync), so short batches never attend over the whole cache.
 
 Life of a request. `add_request` prepares the inputs (chat template, images), hashes its image frames (unless
 `prepare`'s image cache gave their keys) and its prompt's blocks (caches on) in the caller's thread, and queues it.
 `step` then (1) drops aborted requests, (2) decodes one token for every decoding row, (3) admits queued requests into
 free slots, copying the longest cached prefix of each into its row, (4) prefills: with nothing decoding, the whole
-prompts at once, else chunks under the scheduler's budget. A prefill writes prompt positions start..end-1 of each row, attending the row's keys 0..end-1 (right-padded
-chunks under a mask); the frames a chunk shows are taken from the feature cache or encoded as one batch (each
-distinct frame once). A request whose prompt is complete samples its first token and becomes a decoding row; its
-prompt blocks go to the prefix cache. A request that finishes stores its prompt + answer blocks and leaves at once;
-rows are moved so decoding rows stay 0..d-1 and prefilling ones d..n-1, and the cache views are free slices.
+prompts at once, else chunks under the scheduler's budget. A prefill writes prompt positions start..end-1 of each row,
+attending the row's keys 0..end-1 (right-padded chunks under a mask); the frames a chunk shows are taken from the
+feature cache or encoded as one batch (each distinct frame once). A request whose prompt is complete samples its first
+token and becomes a decoding row; its prompt blocks go to the prefix cache. A request that finishes stores its prompt
++ answer blocks and leaves at once; rows are moved so decoding rows stay 0..d-1 and prefilling ones d..n-1, and the
+cache views are free slices.
 
 Syncs. Inputs of the next step (last tokens, positions) stay on the device; the one host sync per forward is reading
 the sampled tokens, which the detokenizer and the stop checks need anyway. Hashing and cache copies happen at
