@@ -23,8 +23,8 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))  # and their common.h
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
-CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma", "-fopenmp"]
+CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"}
 DTYPES = (torch.bfloat16, torch.float32)
 STALE_LOCK_S = 600  # a build takes ~30 s on 2 cores
 

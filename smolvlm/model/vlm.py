@@ -44,6 +44,7 @@ class Model(nn.Module):
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.text_model.embed_tokens.weight
+        self.packed_decoder = None  # fused for the C++ decode step: its weights list, made once (fast.fuse)
 
     @classmethod
     def from_pretrained(
@@ -197,7 +198,7 @@ class Model(nn.Module):
         text model's layers run one by one over keys 0..keys-1 under a mask."""
         embeds = self.embed(tokens[:, None])  # [n, 1, D]
         text = self.model.text_model
-        weights = fast.decoder_weights(self) if cache.k.dtype == torch.float32 else None
+        weights = self.packed_decoder if cache.k.dtype == torch.float32 else None
         if weights is not None:
             config = text.config
             return kernels.load().decode_step(

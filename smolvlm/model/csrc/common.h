@@ -1,4 +1,4 @@
-// Shared by the C++ CPU kernels (AVX512-F + AVX512-BF16; built on first use by smolvlm/model/kernels.py): bf16
+// Shared by the C++ CPU kernels (AVX512-F + AVX512-BF16 + AVX512-VNNI; built on first use by smolvlm/model/kernels.py): bf16
 // conversions, the packed-weight register tiles every matmul here runs on, and the vectorized exp.
 //
 // Packed layouts (kernels.py packs; N padded to a multiple of 16 with zero rows), so that each block of 16 output rows
@@ -6,7 +6,7 @@
 //   bf16 W [N, K] -> [N/16, K/2, 16, 2]: per pair of input channels, the 16 rows' two weights (VDPBF16PS's operand).
 //   fp32 W [N, K] -> [N/16, K, 16].
 //   int8 W [N, K] -> the bf16 layout, with fp32 scales [N/16, ceil(K/GROUP), 16], one per row and group of GROUP
-//   input channels (weight-only quantization: activations stay bf16).
+//   input channels.
 // Rounding follows the plain torch path op by op (each bf16 op rounds its fp32 result to nearest-even), so the
 // results differ from it only by summation order.
 #pragma once
@@ -18,7 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <type_traits>
+#include <tuple>
 #include <vector>
 
 namespace smolvlm {
@@ -48,50 +48,61 @@ inline __mmask16 tail_mask(int64_t remaining) {
   return remaining >= 16 ? __mmask16(0xffff) : __mmask16((1u << remaining) - 1);
 }
 
-// 32 packed weights (16 rows x 2 input channels) as bf16: loaded, or converted from int8 (small integers are exact
-// in bf16; the scale is applied to the sums).
-inline __m512bh weights32(const bf16* w) { return (__m512bh)_mm512_loadu_si512(w); }
-inline __m512bh weights32(const int8_t* q) {
-  __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)q)));
-  __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + 16))));
-  return _mm512_cvtne2ps_pbh(hi, lo);
+// Batch invariance: every row's sum runs in one order fixed by K alone (two accumulators, even and odd input pairs,
+// added at the end), never by how many rows share the tile (MT), so a row's result doesn't depend on its batch.
+
+// y[m, 0:16] = x[m, :] . W-block for MT rows of bf16 x and a bf16 W-block.
+template <int MT, typename O>
+void tile(const bf16* x, int64_t ldx, const bf16* w, int64_t K, O* y, int64_t ldy, __mmask16 mask) {
+  __m512 acc[MT][2];
+  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  const int64_t K2 = K / 2;
+  for (int64_t k = 0; k < K2; k += 2)
+    for (int u = 0; u < 2 && k + u < K2; ++u) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (k + u) * 32);
+      for (int m = 0; m < MT; ++m) {
+        uint32_t pair; std::memcpy(&pair, x + m * ldx + 2 * (k + u), 4);
+        acc[m][u] = _mm512_dpbf16_ps(acc[m][u], wv, (__m512bh)_mm512_set1_epi32(pair));
+      }
+    }
+  for (int m = 0; m < MT; ++m) store16(y + m * ldy, _mm512_add_ps(acc[m][0], acc[m][1]), mask);
 }
 
-// Batch invariance: every row's sum runs in one order fixed by K alone (two accumulators, even and odd input pairs,
-// added at the end; for int8 per group of GROUP inputs, each group's sum scaled and added to the row's total in
-// order), never by how many rows share the tile (MT), so a row's result doesn't depend on its batch.
-constexpr int64_t GROUP = 32;  // int8 weights: one scale per 32 input channels of each row (llama.cpp's Q8_0)
+// int8 weights (weight-only quantization, one scale per row and group of GROUP input channels, llama.cpp's Q8_0) run
+// on activations quantized the same way to int16 (one scale per row and group: max |x| / 32767, i.e. 15 bits against
+// bf16's 8): the products are VPDPWSSD's exact integer sums, and the weights need one sign extension per 32 (no
+// conversion to float), so batch-1 decoding runs at the speed memory is read. A group's integer sum is exact in any
+// order; the groups' scaled sums are added in order of K.
+constexpr int64_t GROUP = 32;
 
-// y[m, 0:16] = x[m, :] . W-block for MT rows of bf16 x, W bf16 or int8 (converted once per 32 weights for all MT
-// rows). scale: null, or the block's int8 group scales [ceil(K / GROUP), 16].
-template <int MT, typename W, typename O>
-void tile(const bf16* x, int64_t ldx, const W* w, int64_t K, O* y, int64_t ldy, __mmask16 mask, const float* scale) {
-  __m512 total[MT], acc[MT][2];
-  const int64_t K2 = K / 2, step = scale ? GROUP / 2 : K2;  // input pairs per group
-  auto dot = [&](int u, int64_t k) {
-    const __m512bh wv = weights32(w + k * 32);
-    for (int m = 0; m < MT; ++m) {
-      uint32_t pair; std::memcpy(&pair, x + m * ldx + 2 * k, 4);
-      acc[m][u] = _mm512_dpbf16_ps(acc[m][u], wv, (__m512bh)_mm512_set1_epi32(pair));
-    }
-  };
+// y[m, 0:16] = x[m, :] . W-block for MT rows of int16 x (xs: their group scales [MT, G], row stride G) and an int8
+// W-block with its group scales ws [G, 16].
+template <int MT, typename O>
+void tile(const int16_t* x, int64_t ldx, const float* xs, const int8_t* w, const float* ws, int64_t K, O* y,
+          int64_t ldy, __mmask16 mask) {
+  const int64_t K2 = K / 2, G = (K + GROUP - 1) / GROUP;
+  __m512 total[MT];
   for (int m = 0; m < MT; ++m) total[m] = _mm512_setzero_ps();
-  for (int64_t g0 = 0; g0 < K2; g0 += step) {
-    const int64_t g1 = std::min(K2, g0 + step);
-    for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-    int64_t k = g0;
-    for (; k + 1 < g1; k += 2) dot(0, k), dot(1, k + 1);
-    if (k < g1) dot(0, k);
-    const __m512 s = scale ? _mm512_loadu_ps(scale + g0 / step * 16) : _mm512_set1_ps(1.0f);
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i acc[MT][2];
+    for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+    for (int64_t k = g * GROUP / 2, end = std::min(K2, k + GROUP / 2); k < end; ++k) {
+      const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + k * 32)));  // 16 rows x 2
+      for (int m = 0; m < MT; ++m) {
+        int32_t pair; std::memcpy(&pair, x + m * ldx + 2 * k, 4);
+        acc[m][k & 1] = _mm512_dpwssd_epi32(acc[m][k & 1], _mm512_set1_epi32(pair), wv);
+      }
+    }
+    const __m512 s = _mm512_loadu_ps(ws + g * 16);
     for (int m = 0; m < MT; ++m)
-      total[m] = scale ? _mm512_fmadd_ps(_mm512_add_ps(acc[m][0], acc[m][1]), s, total[m])
-                       : _mm512_add_ps(acc[m][0], acc[m][1]);
+      total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[m][0], acc[m][1])),
+                                 _mm512_mul_ps(s, _mm512_set1_ps(xs[m * G + g])), total[m]);
   }
   for (int m = 0; m < MT; ++m) store16(y + m * ldy, total[m], mask);
 }
 
 template <int MT, typename O>
-void tile(const float* x, int64_t ldx, const float* w, int64_t K, O* y, int64_t ldy, __mmask16 mask, const float*) {
+void tile(const float* x, int64_t ldx, const float* w, int64_t K, O* y, int64_t ldy, __mmask16 mask) {
   __m512 acc[MT][2];
   for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 2)
@@ -104,18 +115,18 @@ void tile(const float* x, int64_t ldx, const float* w, int64_t K, O* y, int64_t 
 constexpr int64_t MT_MAX = 8;  // rows of x per register tile
 constexpr int64_t M_CHUNK = 128;  // rows of x per pass over the weights (their rows stay in L2 across the N blocks)
 
-template <typename X, typename W, typename O>
-void tiles(const X* x, int64_t ldx, const W* w, int64_t K, O* y, int64_t ldy, int64_t rows, __mmask16 mask,
-           const float* scale) {
+// tile<rows>(args...) for 1 <= rows <= MT_MAX (args: tile's after ldx's... as tile takes them).
+template <typename... Args>
+void tiles(int64_t rows, Args... args) {
   switch (rows) {
-    case 1: return tile<1>(x, ldx, w, K, y, ldy, mask, scale);
-    case 2: return tile<2>(x, ldx, w, K, y, ldy, mask, scale);
-    case 3: return tile<3>(x, ldx, w, K, y, ldy, mask, scale);
-    case 4: return tile<4>(x, ldx, w, K, y, ldy, mask, scale);
-    case 5: return tile<5>(x, ldx, w, K, y, ldy, mask, scale);
-    case 6: return tile<6>(x, ldx, w, K, y, ldy, mask, scale);
-    case 7: return tile<7>(x, ldx, w, K, y, ldy, mask, scale);
-    default: return tile<8>(x, ldx, w, K, y, ldy, mask, scale);
+    case 1: return tile<1>(args...);
+    case 2: return tile<2>(args...);
+    case 3: return tile<3>(args...);
+    case 4: return tile<4>(args...);
+    case 5: return tile<5>(args...);
+    case 6: return tile<6>(args...);
+    case 7: return tile<7>(args...);
+    default: return tile<8>(args...);
   }
 }
 
@@ -198,8 +209,7 @@ template <typename T>
 void matmul_serial(const T* x, int64_t ldx, int64_t M, int64_t K, const T* w, int64_t N, float* y, int64_t ldy) {
   for (int64_t n0 = 0; n0 < N; n0 += 16) {
     for (int64_t m = 0; m < M; m += MT_MAX)
-      tiles(x + m * ldx, ldx, w + n0 * K, K, y + m * ldy + n0, ldy, std::min(MT_MAX, M - m), tail_mask(N - n0),
-            nullptr);
+      tiles(std::min(MT_MAX, M - m), x + m * ldx, ldx, w + n0 * K, K, y + m * ldy + n0, ldy, tail_mask(N - n0));
   }
 }
 

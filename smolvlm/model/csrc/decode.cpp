@@ -14,7 +14,7 @@ void rms_norm(const T* x, const T* weight, T* out, int64_t D, float eps) {
   for (int64_t i = 0; i < D; ++i) out[i] = from_f<T>(to_f(weight[i]) * rnd<T>(to_f(x[i]) * r));
 }
 
-constexpr size_t LAYER_TENSORS = 10;  // per decoder layer in decode_step's list (kernels.py: decoder_weights)
+constexpr size_t LAYER_TENSORS = 10;  // per decoder layer in decode_step's list (fast.py: decoder_weights)
 
 struct Shape {
   int64_t D, H, Hkv, Dh, I, V, L, B, S;  // hidden, heads, kv heads, head dim, MLP, vocab, layers, cache rows, max_len
