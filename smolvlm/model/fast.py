@@ -11,12 +11,13 @@ layers for `FastLinear`s, in place:
   (no copy), with the bias, and for fc1 the tanh GELU, applied inside the matmul (`fc1_gelu`). Where the C++ kernels
   run, the tower's attention is theirs (about twice torch's CPU flash attention in bf16), and each residual add is one
   pass with the LayerNorm after it.
-- C++ kernels (smolvlm/model/kernels.py, CPUs with AVX512-BF16): the copied weights are instead packed in the
+- C++ kernels (smolvlm/model/kernels.py, CPUs with AVX512-BF16 and VNNI): the copied weights are instead packed in the
   kernels' layout, which both prefill matmuls and the one-call decode step (`Model.decode`) read.
 - `quantize="int8"`: the text decoder's and lm_head's weights become int8 and read half the bytes of bf16. With the
-  C++ kernels it is weight-only (the products run on bf16-rounded activations) with one symmetric scale per row and
-  group of 32 input channels (llama.cpp's Q8_0; per-row scales lost ~5 points of top-1 agreement on real weights);
-  elsewhere fbgemm's dynamic-quantized matmul (x86 CPUs) also quantizes each call's activations to 8 bits. The int8
+  C++ kernels the weights have one symmetric scale per row and group of 32 input channels (llama.cpp's Q8_0; per-row
+  scales lost ~5 points of top-1 agreement on real weights) and the products run in integers on activations quantized
+  per group of 32 to int16 (15 bits; bf16-rounded activations were both less exact on average and slower: each weight
+  had to be converted to float); elsewhere fbgemm's dynamic-quantized matmul (x86 CPUs) also quantizes each call's activations to 8 bits. The int8
   decoder's hidden states, norms and attention run in fp32 whatever the model's dtype: on a bf16 model, int8's weight
   error on top of bf16 rounding between the matmuls cost 1.4 points of top-1 agreement on real weights, and the
   activations are a few KB per token against the MBs of weights a step reads. Vision and connector keep the model's

@@ -2,7 +2,8 @@
 attention and residual-add + LayerNorm.
 
 Built on first use with torch's extension builder (a C++ compiler is needed; ~30 s once, then loaded from
-~/.cache/smolvlm in well under a second) for CPUs with AVX512-BF16, e.g. AMD Zen 4 and Intel Cooper Lake or newer.
+~/.cache/smolvlm in well under a second) for CPUs with AVX512-BF16 and AVX512-VNNI, e.g. AMD Zen 4 and Intel Cooper
+Lake or newer.
 Anywhere else `load()` says None and the model keeps torch's oneDNN path (smolvlm/model/fast.py).
 """
 
@@ -30,7 +31,7 @@ STALE_LOCK_S = 600  # a build takes ~30 s on 2 cores
 
 
 def cpu_supported() -> bool:
-    """Whether this CPU runs the kernels (Linux x86-64 with AVX512-F/BW/VL and AVX512-BF16)."""
+    """Whether this CPU runs the kernels (Linux x86-64 with AVX512-F/BW/VL, AVX512-BF16 and AVX512-VNNI)."""
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         return False
     try:
@@ -156,7 +157,7 @@ def dequantize_int8(packed: torch.Tensor, scale: torch.Tensor, n: int) -> torch.
 
 def linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
     """x [..., K] @ W.T -> [..., n] (x's dtype) with W packed by `pack`. int8 W: `scale` its `pack_scales` group
-    scales, and the products run on x rounded to bf16; else `scale` is empty."""
+    scales, and the products run on x quantized per row and group of GROUP to int16; else `scale` is empty."""
     y = load().linear(x.reshape(-1, x.shape[-1]).contiguous(), packed, scale, n)
     return y.view(*x.shape[:-1], n)
 
