@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 
@@ -14,8 +17,7 @@ class KVCache:
 
     def __init__(self, n_layers, max_batch, n_kv_heads, max_len, head_dim, dtype=torch.float32, device=None):
         shape = (n_layers, max_batch, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v = lazy_zeros(shape, dtype, device), lazy_zeros(shape, dtype, device)
 
     def rows(self, start: int) -> KVCache:
         """The cache seen from row `start` on, sharing this one's storage (`write` fills rows 0..B-1 of a cache, so
@@ -41,3 +43,16 @@ class KVCache:
         k.scatter_(2, index, k_new.to(k.dtype))
         v.scatter_(2, index, v_new.to(v.dtype))
         return k, v
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """Zeros that take memory only where written. On the CPU they come from an anonymous mapping, whose pages are
+    the kernel's shared zero page until first written, so a cache sized for a server's 8 x 8192 tokens (1.5 GB in
+    fp32 at the 256M shape; `torch.zeros` writes, and so holds, all of it) costs the resident memory of the tokens
+    its rows have held. Elsewhere `torch.zeros`."""
+    if torch.device(device or "cpu").type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    count = math.prod(shape)
+    pages = mmap.mmap(-1, max(1, count * dtype.itemsize), flags=mmap.MAP_PRIVATE)  # kept alive by the tensor
+    return torch.frombuffer(pages, dtype=dtype, count=count).view(shape)
+

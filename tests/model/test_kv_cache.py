@@ -43,3 +43,22 @@ def test_rows_view_writes_into_the_shared_storage_from_its_start_row():
     view.write(0, new, 2 * new, torch.tensor([[1]]))  # row 0 of the view is row 2 of the cache
     assert cache.k[0, 2, 0, 1].tolist() == [1.0, 1.0] and cache.v[0, 2, 0, 1].tolist() == [2.0, 2.0]
     assert cache.k.count_nonzero() == 2 and cache.v.count_nonzero() == 2
+
+
+def resident_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def test_a_cpu_cache_takes_memory_only_for_the_tokens_written():
+    """A server's cache (8 slots x 8192 tokens: 1.5 GB at the 256M shape in fp32) costs the resident memory of what
+    its rows hold, not of its size; it reads as zeros."""
+    before = resident_mb()
+    cache = KVCache(30, 8, 3, 8192, 64)
+    assert resident_mb() - before < 20
+    assert cache.k.abs().amax() == 0 and cache.v[:, :, :, -1].abs().amax() == 0  # zeros, read everywhere
+    positions = torch.arange(1000)[None].expand(2, 1000)
+    for layer in range(30):  # two rows of 1000 tokens: 2 x 1000 x 30 layers x 2 x 3 x 64 x 4 B = 92 MB
+        cache.write(layer, torch.ones(2, 3, 1000, 64), torch.ones(2, 3, 1000, 64), positions)
+    assert 80 < resident_mb() - before < 120
+    assert cache.k[:, :2, :, :1000].min() == 1 and cache.k[:, :2, :, 1000:].abs().amax() == 0
