@@ -48,10 +48,9 @@ def process(processor: ImageProcessor, image: Image.Image, cache) -> ProcessedIm
     key = image_key(image, processor)
     entry = cache.get(key)
     if entry is None:
-        batch = processor([[image]])
-        n = batch.pixel_values.shape[1]
-        keys = tuple(hashlib.sha256(key + i.to_bytes(4, "little")).digest()[:16] for i in range(n))
-        entry = ProcessedImage(batch.pixel_values[0], batch.rows[0][0], batch.cols[0][0], keys)
+        frames, rows, cols = processor.frames(image)
+        keys = tuple(hashlib.sha256(key + i.to_bytes(4, "little")).digest()[:16] for i in range(frames.shape[0]))
+        entry = ProcessedImage(frames, rows, cols, keys)
         cache.put(key, entry)
     return entry
 
