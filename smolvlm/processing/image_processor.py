@@ -1,6 +1,7 @@
 """Images -> `pixel_values`: the reference's SmolVLM/Idefics3 image processor (transformers 5.23, PIL backend).
 
-Per image (all resizes are Pillow resizes with the checkpoint's filter, LANCZOS, on uint8 RGB, as the reference's):
+Per image (all resizes are Pillow resizes with the checkpoint's filter, LANCZOS, on uint8 RGB, as the reference's;
+resample.py computes LANCZOS ones bit for bit in C++, several times faster, where it can be built):
 1. resize the longest edge to `size.longest_edge` (up or down; the other side rounded up to even);
 2. split: stretch to whole multiples of the tile side M (`max_image_size.longest_edge`), cut the M x M tiles row by
    row, and append the global image (the stretched image resized to M x M); or, without splitting, resize to M x M;

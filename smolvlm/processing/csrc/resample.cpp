@@ -3,7 +3,7 @@
 // The arithmetic is Pillow's (src/libImaging/Resample.c): per output pixel, coefficients from double-precision
 // LANCZOS weights normalised to 1 and rounded to 22-bit fixed point; sums of uint8 x int32 products; `>> 22`, clipped
 // to 0..255; a horizontal pass (only over the input rows the vertical pass reads) into a uint8 image, then a
-// vertical pass. Integer sums are exact in any order, so the loops are free to run across many pixels at once:
+// vertical pass, or the other way round where Pillow 13 does so (see `resize`). Integer sums are exact in any order, so the loops are free to run across many pixels at once:
 // - vertical pass: one output row at a time, a vector of int32 sums over the row's contiguous W*3 bytes;
 // - horizontal pass: blocks of 16 rows transposed into a [W*3, 16] strip, so each tap is one 16-lane vector op.
 // The weights must be computed exactly as Pillow does: this file is built with -ffp-contract=off (no fused
@@ -240,5 +240,5 @@ void tiles_into(const Pixels& image, py::array_t<float, py::array::c_style | py:
 
 PYBIND11_MODULE(smolvlm_resample, m) {
     m.def("resize", &resize, "Pillow's LANCZOS resize of uint8 [H, W, 3] to (width, height), bit for bit");
-    m.def("tiles_into", &tiles_into, "tiles of uint8 [R*M, C*M, 3] through a [3, 256] table into float32 [R*C, 3, M, M]");
+    m.def("tiles_into", &tiles_into, "tiles of uint8 [R*M, C*M, 3] through a [3, 256] table into [R*C, 3, M, M]");
 }
