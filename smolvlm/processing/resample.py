@@ -14,14 +14,12 @@ import functools
 import hashlib
 import logging
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import PIL
-import torch
 
-from ..model.kernels import clear_stale_lock
+from ..cpp_build import build
 
 log = logging.getLogger(__name__)
 
@@ -36,26 +34,9 @@ def load():
     """The compiled module (`resize`, `tiles_into`), or None where it can't be built (logged once)."""
     if os.environ.get("SMOLVLM_KERNELS", "1") == "0":
         return None
-    from torch.utils import cpp_extension
-
-    try:  # torch's builder runs `ninja` from PATH; the pip package's binary sits in this environment's bin folder
-        import ninja
-
-        if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
-            os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
-    except ImportError:
-        pass
     source = hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:10]  # a changed source builds afresh
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    build = cache / "smolvlm" / f"resample-{torch.__version__}-{source}"
     try:
-        build.mkdir(parents=True, exist_ok=True)
-        clear_stale_lock(build)
-        if not (build / "smolvlm_resample.so").exists():
-            print(f"smolvlm: building the C++ image resize, once, ~15 s (cached in {build})", file=sys.stderr,
-                  flush=True)
-        return cpp_extension.load("smolvlm_resample", [str(SOURCE)], extra_cflags=FLAGS, build_directory=str(build),
-                                  verbose=False)
+        return build("smolvlm_resample", [SOURCE], f"resample-{source}", FLAGS, note="~15 s")
     except Exception as e:  # no compiler or ninja, an unwritable cache folder: Pillow's resize gives the same pixels
         log.warning("smolvlm: C++ image resize unavailable, using Pillow's (%s)", str(e).splitlines()[0][:300])
         return None
