@@ -169,16 +169,17 @@ class ImageProcessor:
         m = self.max_image_size
         plans = [[self.num_frames(*image.size) for image in sample] for sample in images]
         counts = [sum(n for n, _, _ in sample) for sample in plans]
+        # Filled through numpy views: single-threaded fills (torch's would wake its thread pool for each).
         pixel_values = torch.empty((len(images), max(counts), 3, m, m), dtype=torch.float32)
-        pixel_attention_mask = torch.zeros((len(images), max(counts), m, m), dtype=torch.int64)
-        out = pixel_values.numpy()
+        pixel_attention_mask = torch.from_numpy(np.zeros((len(images), max(counts), m, m), dtype=np.int64))
+        out, mask = pixel_values.numpy(), pixel_attention_mask.numpy()
         for b, (sample, count) in enumerate(zip(images, counts)):
             start = 0
             for image, (n, rows, cols) in zip(sample, plans[b]):
                 self._frames_into(out[b, start : start + n], image, rows, cols)
                 start += n
-            pixel_values[b, count:] = 0
-            pixel_attention_mask[b, :count] = 1
+            out[b, count:] = 0
+            mask[b, :count] = 1
         rows = [[r for _, r, _ in sample] for sample in plans]
         cols = [[c for _, _, c in sample] for sample in plans]
         return ImageBatch(pixel_values, pixel_attention_mask, rows, cols)

@@ -1,6 +1,6 @@
 """The image processor's pixel work in C++ (csrc/resample.cpp): Pillow's LANCZOS resize of uint8 RGB, bit for bit
-but vectorised and on torch's threads (Pillow's loops are scalar and single-threaded), and the tile cut + rescale/
-normalise table look-up written straight into the float32 frames.
+but vectorised (Pillow's loops are scalar; both run on one thread), and the tile cut + rescale/normalise table look-up
+written straight into the float32 frames.
 
 Built on first use with torch's extension builder (a C++ compiler is needed; ~15 s once, then loaded from
 ~/.cache/smolvlm in well under a second) for any CPU: the hot loops are compiled for AVX-512, AVX2 and plain x86-64

@@ -6,9 +6,9 @@
 // vertical pass, or the other way round where Pillow 13 does so (see `resize`). Integer sums are exact in any order, so the loops are free to run across many pixels at once:
 // - vertical pass: one output row at a time, a vector of int32 sums over the row's contiguous W*3 bytes;
 // - horizontal pass: blocks of 16 rows transposed into a [W*3, 16] strip, so each tap is one 16-lane vector op.
+// One thread, as Pillow's: the gain is in CPU time, which the engine's decoding shares.
 // The weights must be computed exactly as Pillow does: this file is built with -ffp-contract=off (no fused
 // multiply-adds) and calls the same libm `sin`.
-#include <ATen/Parallel.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -97,16 +97,14 @@ inline u8x16 clip8(u32x16 sum) {
     return __builtin_convertvector(v, u8x16);
 }
 
-// Rows [b0*RB, b1*RB) of the horizontal pass: in [rows, w, 3] -> out [rows, w2, 3]. (The vectorised loops live in
-// these functions, not in the parallel_for lambdas: a lambda does not inherit target_clones.)
-VECTOR_CLONES void horizontal_blocks(const uint8_t* in, int64_t rows, int w, uint8_t* out, int w2, const Coeffs& c,
-                                     int64_t b0, int64_t b1) {
+// The horizontal pass: in [rows, w, 3] -> out [rows, w2, 3].
+VECTOR_CLONES void horizontal(const uint8_t* in, int64_t rows, int w, uint8_t* out, int w2, const Coeffs& c) {
     const int64_t n_in = (int64_t)w * 3, n_out = (int64_t)w2 * 3;
     // [w*3, RB] widened to uint32 as it is transposed (GCC widens uint8 vectors lane by lane), [w2*3, RB]
     std::vector<uint32_t> strip(n_in * RB, 0);
     std::vector<uint8_t> done(n_out * RB);
-    for (int64_t b = b0; b < b1; b++) {
-        const int64_t r0 = b * RB, nr = std::min<int64_t>(RB, rows - r0);
+    for (int64_t r0 = 0; r0 < rows; r0 += RB) {
+        const int64_t nr = std::min<int64_t>(RB, rows - r0);
         const uint8_t* src = in + r0 * n_in;
         for (int64_t i = 0; i < n_in; i++)  // each store a whole 64-byte line; the reads walk nr rows in step
             for (int64_t r = 0; r < nr; r++) strip[i * RB + r] = src[r * n_in + i];
@@ -133,18 +131,12 @@ VECTOR_CLONES void horizontal_blocks(const uint8_t* in, int64_t rows, int w, uin
     }
 }
 
-void horizontal(const uint8_t* in, int64_t rows, int w, uint8_t* out, int w2, const Coeffs& c) {
-    at::parallel_for(0, (rows + RB - 1) / RB, 1,
-                     [&](int64_t b0, int64_t b1) { horizontal_blocks(in, rows, w, out, w2, c, b0, b1); });
-}
 
-// Output rows [y0, y1) of the vertical pass: in [h, row] -> out [h2, row] (row = w * 3 bytes); the bounds index
-// input rows from `first`.
-VECTOR_CLONES void vertical_rows(const uint8_t* in, int64_t row, uint8_t* out, const Coeffs& c, int first, int64_t y0,
-                                 int64_t y1) {
+// The vertical pass: in [h, row] -> out [h2, row] (row = w * 3 bytes); the bounds index input rows from `first`.
+VECTOR_CLONES void vertical(const uint8_t* in, int64_t row, uint8_t* out, int h2, const Coeffs& c, int first) {
     constexpr int64_t CHUNK = 2048;  // int32 sums kept in L1
     uint32_t acc[CHUNK];
-    for (int64_t yy = y0; yy < y1; yy++) {
+    for (int64_t yy = 0; yy < h2; yy++) {
         const int ymin = c.bounds[2 * yy] - first, taps = c.bounds[2 * yy + 1];
         const int32_t* k = &c.kk[(size_t)yy * c.ksize];
         for (int64_t i0 = 0; i0 < row; i0 += CHUNK) {
@@ -161,9 +153,6 @@ VECTOR_CLONES void vertical_rows(const uint8_t* in, int64_t row, uint8_t* out, c
     }
 }
 
-void vertical(const uint8_t* in, int64_t row, uint8_t* out, int h2, const Coeffs& c, int first) {
-    at::parallel_for(0, h2, 1, [&](int64_t y0, int64_t y1) { vertical_rows(in, row, out, c, first, y0, y1); });
-}
 
 using Pixels = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
 
@@ -223,17 +212,15 @@ void tiles_into(const Pixels& image, py::array_t<float, py::array::c_style | py:
     const float* table = lut.data();
     float* out = frames.mutable_data();
     py::gil_scoped_release released;
-    at::parallel_for(0, rows * cols * m, 16, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; i++) {  // i = (tile, y)
-            const int64_t f = i / m, y = i % m;
-            const uint8_t* src = in + (((f / cols) * m + y) * w + (f % cols) * m) * 3;
-            for (int ch = 0; ch < 3; ch++) {
-                const float* t = table + ch * 256;
-                float* dst = out + ((f * 3 + ch) * m + y) * m;
-                for (int64_t x = 0; x < m; x++) dst[x] = t[src[x * 3 + ch]];
-            }
+    for (int64_t i = 0; i < rows * cols * m; i++) {  // i = (tile, y)
+        const int64_t f = i / m, y = i % m;
+        const uint8_t* src = in + (((f / cols) * m + y) * w + (f % cols) * m) * 3;
+        for (int ch = 0; ch < 3; ch++) {
+            const float* t = table + ch * 256;
+            float* dst = out + ((f * 3 + ch) * m + y) * m;
+            for (int64_t x = 0; x < m; x++) dst[x] = t[src[x * 3 + ch]];
         }
-    });
+    }
 }
 
 }  // namespace
