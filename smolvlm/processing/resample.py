@@ -2,7 +2,7 @@
 but vectorised (Pillow's loops are scalar; both run on one thread), and the tile cut + rescale/normalise table look-up
 written straight into the float32 frames.
 
-Built on first use with torch's extension builder (a C++ compiler is needed; ~15 s once, then loaded from
+Built on first use with torch's extension builder (a C++ compiler is needed; ~10 s once, then loaded from
 ~/.cache/smolvlm in well under a second) for any CPU: the hot loops are compiled for AVX-512, AVX2 and plain x86-64
 and picked at load time. Where it can't be built `load()` says None and the image processor keeps Pillow's resize
 and numpy's look-up, which give the same pixels. SMOLVLM_KERNELS=0 turns it off, as it does the model's kernels.
@@ -36,7 +36,7 @@ def load():
         return None
     source = hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:10]  # a changed source builds afresh
     try:
-        return build("smolvlm_resample", [SOURCE], f"resample-{source}", FLAGS, note="~15 s")
+        return build("smolvlm_resample", [SOURCE], f"resample-{source}", FLAGS, note="~10 s")
     except Exception as e:  # no compiler or ninja, an unwritable cache folder: Pillow's resize gives the same pixels
         log.warning("smolvlm: C++ image resize unavailable, using Pillow's (%s)", str(e).splitlines()[0][:300])
         return None
