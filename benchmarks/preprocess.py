@@ -1,8 +1,10 @@
-"""Time one photo -> pixel_values, ours against the reference (transformers' PIL image processor), in one run.
+"""Time photos -> pixel_values: ours, ours before the C++ resize (the Pillow path it falls back to, which was the
+implementation until then) and the reference (transformers' PIL image processor), taking turns in one run.
 
-Both get the same photo-like image, as a PIL object and as a JPEG file, and must give bit-identical pixel_values.
+All get the same photo-like image, as a PIL object and as a JPEG file (decode included), with the checkpoint's tiling
+and unsplit, and must give bit-identical pixel_values.
 
-    python benchmarks/preprocess.py [--folder CHECKPOINT] [--size 4000x3000] [--reps 5]
+    python benchmarks/preprocess.py [--folder CHECKPOINT] [--size 512x512 --size 1536x1024] [--reps 5]
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
 from PIL import Image
 
-from smolvlm.processing import Processor, load_image
+from smolvlm.processing import Processor, load_image, resample
 
 CHECKPOINT_FILES = Path(__file__).resolve().parents[1].parent / "shared" / "checkpoint-files"
 DEFAULT_FOLDER = CHECKPOINT_FILES / "SmolVLM2-500M-Video-Instruct"
@@ -46,37 +49,51 @@ def timed(fns: dict, reps: int) -> tuple[dict, dict]:
     return stats, outputs
 
 
+def pillow_path(fn):
+    """fn() with the C++ resize off: the image processor's Pillow fallback."""
+    with mock.patch.object(resample, "load", lambda: None):
+        return fn()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, default=DEFAULT_FOLDER, help="checkpoint folder (preprocessor config)")
-    parser.add_argument("--size", default="4000x3000", help="photo WIDTHxHEIGHT")
+    parser.add_argument("--size", action="append", help="photo WIDTHxHEIGHT (repeatable; default 512x512, 1536x1024 "
+                        "and 4000x3000)")
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
-    width, height = map(int, args.size.split("x"))
 
     from transformers import AutoImageProcessor  # the reference: a benchmark-only import
 
-    reference = AutoImageProcessor.from_pretrained(args.folder, backend="pil")
-    ours = Processor.from_pretrained(args.folder).image_processor
-    image = photo(width, height)
-    with tempfile.TemporaryDirectory() as tmp:
-        jpeg = str(Path(tmp) / "photo.jpg")
-        image.save(jpeg, quality=90)
-        print(f"{width}x{height} photo -> pixel_values ({args.folder.name}), {args.reps} reps after a warm-up, "
-              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-        for kind, source in (("PIL image", image), ("JPEG file", jpeg)):
-            stats, outputs = timed({
-                "reference": lambda: reference(source, return_tensors="pt")["pixel_values"],
-                "ours": lambda: ours([[load_image(source)]]).pixel_values,
-            }, args.reps)
-            assert torch.equal(outputs["reference"], outputs["ours"]), "pixel_values differ from the reference"
-            for name in ("reference", "ours"):
-                med, best, cpu = stats[name]
-                print(f"  {kind:9}  {name:9}  wall {med * 1e3:5.0f} ms median, {best * 1e3:5.0f} ms best   "
-                      f"CPU {cpu * 1e3:5.0f} ms")
-            ratios = [stats["reference"][i] / stats["ours"][i] for i in range(3)]
-            print(f"  {kind:9}  speed-up   x{ratios[0]:.2f} median wall, x{ratios[1]:.2f} best wall, x{ratios[2]:.2f} "
-                  f"CPU; pixel_values {tuple(outputs['ours'].shape)} bit-identical")
+    if resample.load() is None:
+        raise SystemExit("the C++ resize can't be built here: nothing to compare")
+    print(f"photo -> pixel_values ({args.folder.name}), {args.reps} reps after a warm-up, {os.cpu_count()} CPUs, "
+          f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}; wall and CPU medians")
+    names = ("reference", "before", "ours")
+    for size in args.size or ["512x512", "1536x1024", "4000x3000"]:
+        width, height = map(int, size.split("x"))
+        image = photo(width, height)
+        with tempfile.TemporaryDirectory() as tmp:
+            jpeg = str(Path(tmp) / "photo.jpg")
+            image.save(jpeg, quality=90)
+            for split in (True, False):
+                reference = AutoImageProcessor.from_pretrained(args.folder, backend="pil", do_image_splitting=split)
+                ours = Processor.from_pretrained(args.folder).image_processor.with_overrides(do_image_splitting=split)
+                for kind, source in (("JPEG file", jpeg), ("PIL image", image)):
+                    stats, outputs = timed({
+                        "reference": lambda: reference(source, return_tensors="pt")["pixel_values"],
+                        "before": lambda: pillow_path(lambda: ours([[load_image(source)]]).pixel_values),
+                        "ours": lambda: ours([[load_image(source)]]).pixel_values,
+                    }, args.reps)
+                    for name in names:
+                        assert torch.equal(outputs["reference"], outputs[name]), f"{name}: pixel_values differ"
+                    times = "  ".join(f"{name} {stats[name][0] * 1e3:4.0f} / {stats[name][2] * 1e3:4.0f} ms"
+                                      for name in names)
+                    ratios = [stats[name][0] / stats["ours"][0] for name in ("before", "reference")]
+                    print(f"  {size:9} {'tiled' if split else 'unsplit':7} {outputs['ours'].shape[1]:2} frames  "
+                          f"{kind}  {times}   ours x{ratios[0]:.2f} faster than before, x{ratios[1]:.2f} than "
+                          "the reference (wall)")
+
 
 if __name__ == "__main__":
     main()

@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 python -m pip install -q --disable-pip-version-check "torch==2.13.0"
 python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
 python -c "from smolvlm.model import kernels; kernels.build()"  # builds the C++ CPU kernels once (~30 s; cached in ~/.cache/smolvlm)
+python -c "from smolvlm.processing import resample; resample.load()"  # and the C++ image resize (~10 s, same cache)
 # The browser tests (tests/serving/test_ui.py) drive Debian's chromium through Playwright (never `playwright install`:
 # it downloads browsers). Without apt-get, say so: those tests then fail, naming what is missing.
 if ! command -v chromium >/dev/null; then

@@ -1,6 +1,7 @@
 """Images -> `pixel_values`: the reference's SmolVLM/Idefics3 image processor (transformers 5.23, PIL backend).
 
-Per image (all resizes are Pillow resizes with the checkpoint's filter, LANCZOS, on uint8 RGB, as the reference's):
+Per image (all resizes are Pillow resizes with the checkpoint's filter, LANCZOS, on uint8 RGB, as the reference's;
+resample.py computes LANCZOS ones bit for bit in C++, several times faster, where it can be built):
 1. resize the longest edge to `size.longest_edge` (up or down; the other side rounded up to even);
 2. split: stretch to whole multiples of the tile side M (`max_image_size.longest_edge`), cut the M x M tiles row by
    row, and append the global image (the stretched image resized to M x M); or, without splitting, resize to M x M;
@@ -23,6 +24,7 @@ import torch
 from PIL import Image
 
 from ..errors import ConfigError, InputError
+from . import resample
 
 MAX_IMAGE_SIZE = 4096  # the reference caps the first resize's long side at 4k
 RESAMPLE_FILTERS = {int(f): f.name for f in Image.Resampling}  # 0 NEAREST, 1 LANCZOS, 2 BILINEAR, 3 BICUBIC, ...
@@ -158,51 +160,80 @@ class ImageProcessor:
         size = self.resized_size(*image.size)
         if size[0] * size[1] >= image.width * image.height or self.resized_size(*size) != size:
             return image
-        return self._resize(image, size)
+        if not self._compiled():
+            return image.resize(size, resample=self.resample)
+        return Image.fromarray(resample.resize(np.asarray(image), size), "RGB")
 
     def __call__(self, images: list[list[Image.Image]]) -> ImageBatch:
         """Process a batch: one list of RGB PIL images per sample (empty lists allowed)."""
         m = self.max_image_size
         plans = [[self.num_frames(*image.size) for image in sample] for sample in images]
         counts = [sum(n for n, _, _ in sample) for sample in plans]
+        # Filled through numpy views: single-threaded fills (torch's would wake its thread pool for each).
         pixel_values = torch.empty((len(images), max(counts), 3, m, m), dtype=torch.float32)
-        pixel_attention_mask = torch.zeros((len(images), max(counts), m, m), dtype=torch.int64)
-        out = pixel_values.numpy()
+        pixel_attention_mask = torch.from_numpy(np.zeros((len(images), max(counts), m, m), dtype=np.int64))
+        out, mask = pixel_values.numpy(), pixel_attention_mask.numpy()
         for b, (sample, count) in enumerate(zip(images, counts)):
             start = 0
             for image, (n, rows, cols) in zip(sample, plans[b]):
                 self._frames_into(out[b, start : start + n], image, rows, cols)
                 start += n
-            pixel_values[b, count:] = 0
-            pixel_attention_mask[b, :count] = 1
+            out[b, count:] = 0
+            mask[b, :count] = 1
         rows = [[r for _, r, _ in sample] for sample in plans]
         cols = [[c for _, _, c in sample] for sample in plans]
         return ImageBatch(pixel_values, pixel_attention_mask, rows, cols)
 
+    def frames(self, image: Image.Image) -> tuple[torch.Tensor, int, int]:
+        """One image's frames float32 [n, 3, M, M] (its rows of `__call__`'s pixel_values, without the mask) and its
+        tile rows and cols."""
+        n, rows, cols = self.num_frames(*image.size)
+        frames = torch.empty((n, 3, self.max_image_size, self.max_image_size), dtype=torch.float32)
+        self._frames_into(frames.numpy(), image, rows, cols)
+        return frames, rows, cols
+
     def _frames_into(self, out: np.ndarray, image: Image.Image, rows: int, cols: int) -> None:
-        """Write one image's frames (tiles row-major, then the global image) into out [n, 3, M, M]."""
+        """Write one image's frames (tiles row-major, then the global image) into out [n, 3, M, M]. The pixels are
+        a PIL image all along (Pillow's resizes), or uint8 [H, W, 3] arrays when the C++ resize runs (resample.py)."""
         m = self.max_image_size
+        pixels = np.asarray(image) if self._compiled() else image
         if self.do_resize:
-            image = self._resize(image, self.resized_size(*image.size))
+            pixels = self._resize(pixels, self.resized_size(*_dims(pixels)))
         if not self.do_image_splitting:
-            self._normalize_into(out[0], np.asarray(self._resize(image, (m, m))))
+            self._tiles_into(out[:1], self._resize(pixels, (m, m)), 1, 1)
             return
-        grid = self._resize(image, self.grid_size(*image.size))
+        grid = self._resize(pixels, self.grid_size(*_dims(pixels)))
         if rows == 0:  # a single tile: the grid image is already M x M
-            self._normalize_into(out[0], np.asarray(grid))
+            self._tiles_into(out[:1], grid, 1, 1)
             return
-        tiles = np.asarray(grid).reshape(rows, m, cols, m, 3).transpose(0, 2, 1, 3, 4)  # [R, C, M, M, 3] view
-        self._normalize_into(out[: rows * cols].reshape(rows, cols, 3, m, m), tiles)
-        self._normalize_into(out[rows * cols], np.asarray(self._resize(grid, (m, m))))
+        self._tiles_into(out[: rows * cols], grid, rows, cols)
+        self._tiles_into(out[rows * cols : rows * cols + 1], self._resize(grid, (m, m)), 1, 1)
 
-    def _resize(self, image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    def _compiled(self) -> bool:
+        """Whether the C++ resize (resample.py) does this processor's pixel work: LANCZOS, and the module builds."""
+        return self.resample == Image.Resampling.LANCZOS and resample.load() is not None
+
+    def _resize(self, pixels, size: tuple[int, int]):
+        if isinstance(pixels, np.ndarray):
+            return resample.resize(pixels, size)
         # Pillow's resize to the same size is a copy; skipping it gives the same pixels.
-        return image if image.size == size else image.resize(size, resample=self.resample)
+        return pixels if pixels.size == size else pixels.resize(size, resample=self.resample)
 
-    def _normalize_into(self, out: np.ndarray, hwc: np.ndarray) -> None:
-        """out[..., c, :, :] = lut[c][hwc[..., c]] for uint8 hwc [..., H, W, 3] (a gather: no float temporaries)."""
+    def _tiles_into(self, out: np.ndarray, pixels, rows: int, cols: int) -> None:
+        """out[f, c] = lut[c][tile f's channel c] for the rows x cols tiles of pixels (row-major): float32
+        [rows*cols, 3, M, M] from uint8 [rows*M, cols*M, 3], one table look-up per value (no float temporaries)."""
+        if isinstance(pixels, np.ndarray):
+            resample.tiles_into(out, pixels, self.lut, rows, cols)
+            return
+        m = self.max_image_size
+        hwc = np.asarray(pixels).reshape(rows, m, cols, m, 3).transpose(0, 2, 1, 3, 4)  # [R, C, M, M, 3] view
         for c in range(3):
-            np.take(self.lut[c], hwc[..., c], out=out[..., c, :, :], mode="clip")
+            np.take(self.lut[c], hwc[..., c], out=out.reshape(rows, cols, 3, m, m)[..., c, :, :], mode="clip")
+
+
+def _dims(pixels) -> tuple[int, int]:
+    """(width, height) of a PIL image or a uint8 [H, W, 3] array."""
+    return pixels.size if isinstance(pixels, Image.Image) else (pixels.shape[1], pixels.shape[0])
 
 
 def _bool(value, where: str, error):
