@@ -1,24 +1,27 @@
 """Build a C++ extension on first use with torch's builder and cache it under ~/.cache/smolvlm (or XDG_CACHE_HOME).
 
-smolvlm/processing/resample.py builds its image resize through here; smolvlm/model/kernels.py still has its own copy
-of these steps (to move here).
+smolvlm/model/kernels.py (the model's CPU kernels) and smolvlm/processing/resample.py (the image resize) build through
+here.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
+STALE_LOCK_S = 600  # the longest build takes ~30 s on 2 cores
 
 
 def build(name: str, sources: list[Path], folder: str, flags: list[str], ldflags: list[str] = (), note: str = ""):
     """The compiled module `name` from `sources`, built in ~/.cache/smolvlm/<folder>-<torch version> unless already
     there (saying so on stderr, with `note`: how long it takes). Raises what the builder raises (no compiler...)."""
     from torch.utils import cpp_extension
-
-    from .model.kernels import clear_stale_lock
 
     try:  # torch's builder runs `ninja` from PATH; the pip package's binary sits in this environment's bin folder
         import ninja
@@ -35,3 +38,12 @@ def build(name: str, sources: list[Path], folder: str, flags: list[str], ldflags
         print(f"smolvlm: building {name}, once, {note} (cached in {directory})", file=sys.stderr, flush=True)
     return cpp_extension.load(name, [str(p) for p in sources], extra_cflags=flags, extra_ldflags=list(ldflags),
                               build_directory=str(directory), verbose=False)
+
+
+def clear_stale_lock(build: Path) -> None:
+    """torch's builder waits for its `lock` file to go away; a build killed mid-way (SIGKILL, power loss) leaves it
+    there, and every later load would wait forever. A lock older than any build is removed."""
+    lock = build / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        log.warning("smolvlm: removing the stale build lock %s (left by a killed build)", lock)
+        lock.unlink(missing_ok=True)

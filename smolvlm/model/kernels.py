@@ -14,12 +14,13 @@ import hashlib
 import logging
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .. import cpp_build
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,6 @@ SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))  # and their co
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma", "-fopenmp"]
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"}
 DTYPES = (torch.bfloat16, torch.float32)
-STALE_LOCK_S = 600  # a build takes ~30 s on 2 cores
 
 
 def cpu_supported() -> bool:
@@ -47,29 +47,11 @@ def load():
     """The compiled extension module, or None where the CPU or the build can't run it (logged once)."""
     if os.environ.get("SMOLVLM_KERNELS", "1") == "0" or not cpu_supported():
         return None
-    from torch.utils import cpp_extension
-
-    try:  # torch's builder runs `ninja` from PATH; the pip package's binary sits in this environment's bin folder
-        import ninja
-
-        if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
-            os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
-    except ImportError:
-        pass
-    # One build folder per torch version and source folder: two checkouts sharing one would rebuild at every switch.
+    # One build folder per source folder: two checkouts sharing one would rebuild at every switch.
     where = hashlib.sha1(str(SOURCES[0].parent).encode()).hexdigest()[:10]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    build = cache / "smolvlm" / f"kernels-{torch.__version__}-{where}"
     start = time.perf_counter()
     try:
-        build.mkdir(parents=True, exist_ok=True)
-        clear_stale_lock(build)
-        if not (build / "smolvlm_kernels.so").exists():  # the first run after install would otherwise stall silently
-            print(f"smolvlm: building CPU kernels, once, ~30 s (cached in {build})", file=sys.stderr, flush=True)
-        module = cpp_extension.load(
-            "smolvlm_kernels", [str(p) for p in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-            build_directory=str(build), verbose=False,
-        )  # fmt: skip
+        module = cpp_build.build("smolvlm_kernels", SOURCES, f"kernels-{where}", FLAGS, ["-fopenmp"], note="~30 s")
     # No compiler or ninja, an unwritable cache folder, or a compiler without these intrinsics: torch's kernels work.
     except Exception as e:
         lines = str(e).splitlines() or [type(e).__name__]
@@ -83,15 +65,6 @@ def load():
 def runs(tensor: torch.Tensor) -> bool:
     """Whether the kernels run here on tensors like this one (CPU, bf16 or fp32)."""
     return tensor.device.type == "cpu" and tensor.dtype in DTYPES and load() is not None
-
-
-def clear_stale_lock(build: Path) -> None:
-    """torch's builder waits for its `lock` file to go away; a build killed mid-way (SIGKILL, power loss) leaves it
-    there, and every later load would wait forever. A lock older than any build is removed."""
-    lock = build / "lock"
-    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-        log.warning("smolvlm: removing the stale build lock %s (left by a killed build)", lock)
-        lock.unlink(missing_ok=True)
 
 
 def usable(weight: torch.Tensor) -> bool:

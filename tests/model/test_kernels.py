@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smolvlm import Model
+from smolvlm import Model, cpp_build
 from smolvlm.model import kernels
 from smolvlm.model.kv_cache import KVCache
 from tiny import decode_step_both
@@ -23,11 +23,11 @@ SHAPES = [(1, 48, 64), (3, 50, 6), (8, 16, 128), (9, 33, 64), (130, 40, 96)]  # 
 def test_a_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path):
     lock = tmp_path / "lock"
     lock.touch()
-    kernels.clear_stale_lock(tmp_path)
+    cpp_build.clear_stale_lock(tmp_path)
     assert lock.exists()  # a build may be running: torch's builder waits for it
-    old = time.time() - kernels.STALE_LOCK_S - 1
+    old = time.time() - cpp_build.STALE_LOCK_S - 1
     os.utime(lock, (old, old))
-    kernels.clear_stale_lock(tmp_path)
+    cpp_build.clear_stale_lock(tmp_path)
     assert not lock.exists()
 
 
