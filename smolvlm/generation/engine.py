@@ -4,7 +4,7 @@ image-feature caches and chunked prefill.
 Layout. engine.py: the public Engine and the life of a request; prompt.py: a request's inputs; scheduler.py: the
 waiting queue, admission and each step's prefill budget; prefix_cache.py: hashed KV blocks of earlier sequences;
 feature_cache.py: image features by pixel content (caches.py holds both for all the engines of one model);
-cuda_graphs.py: the decode step replayed from CUDA graphs on a GPU. Requests occupy cache rows 0..n-1, each
+vision_steps.py: a tile's vision pass spread over steps while others decode; cuda_graphs.py: the decode step replayed from CUDA graphs on a GPU. Requests occupy cache rows 0..n-1, each
 right-aligned at its own positions 0..len-1 (no left padding), so RoPE positions are cache positions and a row's
 length is all the engine needs to know about it. Rows 0..d-1 are decoding, rows d..n-1 are still being prefilled. A
 decode step attends keys 0..S-1 with mask `arange(S) <= pos[b]`, where S is the longest row rounded up (known on the
@@ -14,12 +14,13 @@ Life of a request. `add_request` prepares the inputs (chat template, images), ha
 `prepare`'s image cache gave their keys) and its prompt's blocks (caches on) in the caller's thread, and queues it.
 `step` then (1) drops aborted requests, (2) decodes one token for every decoding row, (3) admits queued requests into
 free slots, copying the longest cached prefix of each into its row, (4) prefills: with nothing decoding, the whole
-prompts at once, else chunks under the scheduler's budget. A prefill writes prompt positions start..end-1 of each row,
-attending the row's keys 0..end-1 (right-padded chunks under a mask); the frames a chunk shows are taken from the
-feature cache or encoded as one batch (each distinct frame once). A request whose prompt is complete samples its first
-token and becomes a decoding row; its prompt blocks go to the prefix cache. A request that finishes stores its prompt
-+ answer blocks and leaves at once; rows are moved so decoding rows stay 0..d-1 and prefilling ones d..n-1, and the
-cache views are free slices.
+prompts at once, else chunks under the scheduler's budget (prompt tokens, and vision layers of the next frames
+needed, a tile's pass carried over steps). A prefill writes prompt positions start..end-1 of each row, attending the
+row's keys 0..end-1 (right-padded chunks under a mask); the frames a chunk shows are taken from the feature cache or
+encoded as one batch (each distinct frame once). A request whose prompt is complete samples its first token and
+becomes a decoding row; its prompt blocks go to the prefix cache. A request that finishes stores its prompt + answer
+blocks and leaves at once; rows are moved so decoding rows stay 0..d-1 and prefilling ones d..n-1, and the cache
+views are free slices.
 
 Syncs. Inputs of the next step (last tokens, positions) stay on the device; the one host sync per forward is reading
 the sampled tokens, which the detokenizer and the stop checks need anyway. Hashing and cache copies happen at
@@ -44,9 +45,13 @@ from .prefix_cache import BLOCK, extend_keys
 from .prompt import Prompt, prepare
 from .sampling import Sampler, SamplingParams
 from .scheduler import Request, Scheduler
+from .vision_steps import SlicedVision
 
 KEY_BLOCK = 64  # decode attends a multiple of this many key positions
 PREFILL_CHUNK = 128  # prompt tokens prefilled per step while other requests decode (scheduler.py)
+# Vision-encoder layers run per step while other requests decode (vision_steps.py): a third of a SmolVLM2-256M tile,
+# ~0.2 s on 2 quiet CPU cores
+VISION_LAYERS = 4
 
 
 @dataclass
@@ -83,10 +88,12 @@ class GenerationResult:
 
 class Engine:
     """`caches`: the prefix and image-feature caches to use and fill (None: none). `prefill_chunk`: prompt tokens
-    prefilled per step while other requests are decoding (scheduler.py; None: whole prompts at once)."""
+    prefilled per step while other requests are decoding (scheduler.py; None: whole prompts at once);
+    `vision_layers`: vision-encoder layers run per step meanwhile (vision_steps.py)."""
 
     def __init__(self, model, processor, end_ids: list[int], max_batch: int = 8, max_len: int = 4096,
-                 caches: Caches | None = None, prefill_chunk: int | None = PREFILL_CHUNK):
+                 caches: Caches | None = None, prefill_chunk: int | None = PREFILL_CHUNK,
+                 vision_layers: int = VISION_LAYERS):
         self.model, self.processor = model, processor
         self.end_ids = frozenset(end_ids)
         param = next(model.parameters())
@@ -107,7 +114,8 @@ class Engine:
         self.pos = torch.zeros(max_batch, **long)  # tokens in each row = position of its next input token
         self.last = torch.zeros(max_batch, **long)  # each row's last sampled token = its next input token
         self.caches = caches
-        self.scheduler = Scheduler(prefill_chunk)
+        self.scheduler = Scheduler(prefill_chunk, vision_layers)
+        self.vision = SlicedVision(model, None if caches is None else caches.features)
         self.running: list[Request] = []  # running[i] owns slot i
         self.decoding = 0  # running[:decoding] decode, running[decoding:] are being prefilled
         self.ids = itertools.count()
@@ -250,8 +258,13 @@ class Engine:
         """Prefill this step's chunks (rows start..start+k-1); sample the first token of those now complete."""
         start = self.decoding
         prefilling = self.running[start:]
+        chunked = self.scheduler.chunked(start)
+        # chunked: this step's slice of vision layers; else the pass in progress is finished, chunk_features the rest
+        self.vision.run(prefilling, self.scheduler.vision_layers if chunked else None)
+        if not prefilling:
+            return []
         cached = self.caches.features if self.caches is not None else None
-        ends = self.scheduler.plan(prefilling, start > 0, lambda r, f: ready(r, f, cached)) if prefilling else []
+        ends = self.scheduler.plan(prefilling, chunked, lambda r, f: ready(r, f, cached))
         if not ends:
             return []
         chunks = list(zip(prefilling, ends))

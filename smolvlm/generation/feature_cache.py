@@ -17,6 +17,8 @@ import torch
 
 from ..errors import InputError
 
+ZERO_FRAME = "An image frame is all zeros (what batch padding looks like): the model drops it"
+
 
 def frame_keys(pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor) -> list[bytes]:
     """One 16-byte content hash per frame of `pixel_values` [I, 3, H, W] with its mask [I, H, W]."""
@@ -112,7 +114,7 @@ def chunk_features(model, cache: LRU | None, chunks: list) -> torch.Tensor | Non
         masks = torch.stack([r.prompt.pixel_attention_mask[f] for r, f in shown])[None].to(model.device)
         encoded = model.get_image_features(pixels, masks)  # [m * N, D]
         if encoded.shape[0] != len(shown) * n:
-            raise InputError("An image frame is all zeros (what batch padding looks like): the model drops it")
+            raise InputError(ZERO_FRAME)
         for (key, users), features in zip(missing.items(), encoded.view(len(shown), n, -1).unbind(0)):
             if isinstance(key, bytes):
                 cache.put(key, features.clone())  # its own storage: evicted alone

@@ -5,11 +5,12 @@ another request is prefilling right now waits for that prefill to end: then its 
 the shared part is copied instead of computed again (8 questions about one photo in one batch prefill the photo
 once).
 
-Chunked prefill. While requests are decoding, one step prefills at most `prefill_chunk` prompt tokens and encodes at
-most FRAMES_PER_STEP image frames that no cache holds (a 512px tile takes about as long as 128 prompt tokens on a
-CPU), so a long prompt (many tiles, a video) joins the batch over several steps and the running streams keep getting
-a token per step. With nothing decoding, the whole prompts are prefilled in one step, their frames in one vision
-batch: chunks would only add steps. prefill_chunk=None turns chunking off.
+Chunked prefill. While requests are decoding, one step prefills at most `prefill_chunk` prompt tokens and runs at
+most `vision_layers` vision-encoder layers (vision_steps.py: a tile's pass spread over steps), so a long prompt (many
+tiles, a video) joins the batch over several steps and the running streams keep getting a token per step. A chunk
+stops before the first frame whose features are not at hand yet. With nothing decoding, the whole prompts are
+prefilled in one step, their frames in one vision batch: chunks would only add steps. prefill_chunk=None turns
+chunking off.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from .constraints import Matcher
 from .detokenizer import Detokenizer
 from .sampling import SamplingParams
 
-FRAMES_PER_STEP = 1
 SHARE_BLOCKS = 4  # shared prefix blocks that make a request wait for another one's prefill
 
 
@@ -65,10 +65,12 @@ class Request:
 class Scheduler:
     """The waiting queue and aborts (any thread, under `lock`) and the per-step prefill plan (the loop thread)."""
 
-    def __init__(self, prefill_chunk: int | None):
+    def __init__(self, prefill_chunk: int | None, vision_layers: int):
         if prefill_chunk is not None and not (isinstance(prefill_chunk, int) and prefill_chunk >= 1):
             raise InputError(f"prefill_chunk={prefill_chunk!r}: expected an integer >= 1 (tokens per step) or None")
-        self.prefill_chunk = prefill_chunk
+        if not (isinstance(vision_layers, int) and vision_layers >= 1):
+            raise InputError(f"vision_layers={vision_layers!r}: expected an integer >= 1 (encoder layers per step)")
+        self.prefill_chunk, self.vision_layers = prefill_chunk, vision_layers
         self.waiting: deque[Request] = deque()
         self.aborted: set[str] = set()
         self.lock = threading.Lock()  # guards waiting/aborted: a server thread adds while another one steps
@@ -111,22 +113,23 @@ class Scheduler:
             self.waiting.extendleft(reversed(kept))
         return admitted
 
+    def chunked(self, decoding: int) -> bool:
+        """Whether this step's prefill goes in chunks (some requests decode, and chunking is on)."""
+        return decoding > 0 and self.prefill_chunk is not None
+
     def plan(self, prefilling: list[Request], chunked: bool, ready) -> list[int]:
         """Where this step's prefill of each of the first len(result) `prefilling` requests ends (a prompt
-        position); `ready(request, frame)` says whether a frame's features are at hand. Every request but the last
-        planned one is prefilled to its end, so the finished ones come first."""
-        if not chunked or self.prefill_chunk is None:
+        position); `ready(request, frame)` says whether a frame's features are at hand (chunks stop before one that
+        is not). Every request but the last planned one is prefilled to its end, so the finished ones come first."""
+        if not chunked:
             return [len(r.prompt) for r in prefilling]
-        tokens, frames, ends = self.prefill_chunk, FRAMES_PER_STEP, []
+        tokens, ends = self.prefill_chunk, []
         for r in prefilling:
             end = min(len(r.prompt), r.length + tokens)
             for f in r.shows(r.length, end):
-                if ready(r, f):
-                    continue
-                if frames == 0:  # stop before this frame's first token
+                if not ready(r, f):  # stop before this frame's first token
                     end = r.length + int((r.frame_of[r.length : end] == f).nonzero()[0])
                     break
-                frames -= 1
             if end <= r.length:
                 break
             ends.append(end)

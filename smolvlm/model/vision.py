@@ -5,6 +5,8 @@ Frames arrive as one batch [N, 3, H, W] with a patch mask [N, H/P, W/P] (True = 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -92,38 +94,71 @@ class EncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
+@dataclass
+class VisionPass:
+    """A vision-tower pass in progress over N frames, after `done` encoder layers: what carries the pass from one
+    slice of layers to the next (the engine spreads a tile's layers over several steps)."""
+
+    x: torch.Tensor  # [N, L, D] the residual stream
+    mask: torch.Tensor | None  # [N, 1, 1, L] additive key mask; None when no patch is padding
+    normed: torch.Tensor | None  # [N, L, D] the next LayerNorm of x: the fused path computes it with the residual add
+    done: int = 0
+
+
 class Encoder(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_hidden_layers))
         self.use_kernels = False  # the C++ kernels' residual-add + LayerNorm, once fused where they run
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, final_norm: nn.LayerNorm) -> torch.Tensor:
-        """final_norm(the layers' output) for x [N, L, D]."""
-        if not self.use_kernels:
-            for layer in self.layers:
+    def run(self, state: VisionPass, n: int, final_norm: nn.LayerNorm) -> VisionPass:
+        """Run the next n layers of `state` in place (the fused path ends the last one with final_norm)."""
+        stop = min(state.done + n, len(self.layers))
+        x, normed, mask = state.x, state.normed, state.mask
+        for i in range(state.done, stop):
+            layer = self.layers[i]
+            if normed is None:
                 x = layer(x, mask)
-            return final_norm(x)
-        # The same layers with each residual add done in one pass with the LayerNorm that follows it.
-        normed = self.layers[0].layer_norm1(x)
-        for i, layer in enumerate(self.layers):
+                continue
+            # The same layer with each residual add done in one pass with the LayerNorm that follows it.
             x, normed = kernels.add_layer_norm(x, layer.self_attn(normed, mask), layer.layer_norm2)
             after = self.layers[i + 1].layer_norm1 if i + 1 < len(self.layers) else final_norm
             x, normed = kernels.add_layer_norm(x, layer.mlp(normed), after)
-        return normed
+        state.x, state.normed, state.done = x, normed, stop
+        return state
 
 
 class VisionTransformer(nn.Module):
+    """`forward` is one pass; `begin`, `run` and `end` are the same pass in slices of layers (the same math, so the
+    same bits)."""
+
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.embeddings = VisionEmbeddings(config)
         self.encoder = Encoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
-        """[N, h*w, D] final-normed patch states for frames [N, 3, H, W] with patch mask [N, h, w]."""
+    @property
+    def n_layers(self) -> int:
+        return len(self.encoder.layers)
+
+    def begin(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor) -> VisionPass:
+        """The pass over frames [N, 3, H, W] with patch mask [N, h, w], before its first layer."""
         x = self.embeddings(pixel_values, patch_mask)
         valid = patch_mask.flatten(1)  # [N, L]
         # As the reference: no mask at all unless some patch is padding; then padded keys are masked.
         mask = None if valid.all() else additive_mask(valid[:, None, None, :], x.dtype)  # [N, 1, 1, L]
-        return self.encoder(x, mask, self.post_layernorm)
+        normed = self.encoder.layers[0].layer_norm1(x) if self.encoder.use_kernels else None
+        return VisionPass(x, mask, normed)
+
+    def run(self, state: VisionPass, n: int) -> VisionPass:
+        """The next n encoder layers of the pass (fewer when fewer are left), in place."""
+        return self.encoder.run(state, n, self.post_layernorm)
+
+    def end(self, state: VisionPass) -> torch.Tensor:
+        """[N, h*w, D] final-normed patch states of a pass whose layers have all run."""
+        return self.post_layernorm(state.x) if state.normed is None else state.normed
+
+    def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
+        """[N, h*w, D] final-normed patch states for frames [N, 3, H, W] with patch mask [N, h, w]."""
+        return self.end(self.run(self.begin(pixel_values, patch_mask), self.n_layers))

@@ -19,7 +19,7 @@ from . import fast, kernels
 from .connector import Connector
 from .kv_cache import KVCache
 from .text import TextModel, rope_inv_freq
-from .vision import VisionTransformer
+from .vision import VisionPass, VisionTransformer
 
 
 VISION_CHUNK = {"cpu": 4, "cuda": 16}  # frames per vision-tower pass by device type (see get_image_features)
@@ -132,6 +132,26 @@ class Model(nn.Module):
         reference does); `pixel_attention_mask` [B, I, H, W] marks the image pixels of each frame (None: all).
         The frames of all images are encoded as one batch.
         """
+        frames, patch_mask = self.image_frames(pixel_values, pixel_attention_mask)
+        if frames.shape[0] == 0:  # Idefics3 keeps no frame when all are padding
+            return frames.new_zeros(0, self.config.text_config.hidden_size)
+        # Inference runs the tower VISION_CHUNK frames at a time: per-frame math, so the same features, and a chunk's
+        # matmuls (CPU: 4 x 1024 patches for 512px tiles; GPU: 16 x 1024, enough to fill an H200 and to amortize the
+        # launches) are already as fast per frame as any bigger batch, while the activations of a many-tile photo or a
+        # 64-frame video stay those of one chunk. (Autograd keeps every chunk's anyway: one pass.)
+        chunk = len(frames) if torch.is_grad_enabled() else VISION_CHUNK.get(frames.device.type, VISION_CHUNK["cpu"])
+        layers = self.model.vision_model.n_layers
+        features = torch.cat([
+            self.end_vision(self.run_vision(self.begin_vision(f, m), layers))  # [chunk, N, D_t]
+            for f, m in zip(frames.split(chunk), patch_mask.split(chunk))
+        ])  # fmt: skip
+        return features.reshape(-1, features.shape[-1])
+
+    def image_frames(
+        self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The real frames [n, 3, H, W] of `pixel_values` [B, I, 3, H, W] in the model's dtype (padding dropped, as
+        `get_image_features` says) and their patch masks [n, H/P, W/P] (True = the patch holds image pixels)."""
         if pixel_values.dim() != 5:
             shape = list(pixel_values.shape)
             raise InputError(f"pixel_values must be [batch, images, 3, height, width]; got shape {shape}")
@@ -153,25 +173,28 @@ class Model(nn.Module):
             real[0] |= ~real.any()
         frames = frames[real]
         n = frames.shape[0]
-        if n == 0:  # Idefics3 keeps no frame when all are padding
-            return frames.new_zeros(0, self.config.text_config.hidden_size)
         if pixel_attention_mask is None:
             pixel_mask = torch.ones((n, h, w), dtype=torch.bool, device=frames.device)
         else:
             pixel_mask = pixel_attention_mask.reshape(b * i, h, w)[real]
         # A patch is valid when any of its pixels is (a trailing remainder smaller than a patch is dropped).
         hp, wp = h // p, w // p
-        patch_mask = pixel_mask[:, : hp * p, : wp * p].reshape(n, hp, p, wp, p).sum(dim=(2, 4)) > 0  # [n, hp, wp]
-        # Inference runs the tower VISION_CHUNK frames at a time: per-frame math, so the same features, and a chunk's
-        # matmuls (CPU: 4 x 1024 patches for 512px tiles; GPU: 16 x 1024, enough to fill an H200 and to amortize the
-        # launches) are already as fast per frame as any bigger batch, while the activations of a many-tile photo or a
-        # 64-frame video stay those of one chunk. (Autograd keeps every chunk's anyway: one pass.)
-        chunk = n if torch.is_grad_enabled() else VISION_CHUNK.get(frames.device.type, VISION_CHUNK["cpu"])
-        features = torch.cat([
-            self.model.connector(self.model.vision_model(f, m))  # [chunk, N, D_t]
-            for f, m in zip(frames.split(chunk), patch_mask.split(chunk))
-        ])  # fmt: skip
-        return features.reshape(-1, features.shape[-1])
+        return frames, pixel_mask[:, : hp * p, : wp * p].reshape(n, hp, p, wp, p).sum(dim=(2, 4)) > 0
+
+    # One vision pass in slices of encoder layers: begin_vision, run_vision as often as needed, end_vision. The engine
+    # spreads a tile's layers over several steps this way; the math is get_image_features', so the features are too.
+
+    def begin_vision(self, frames: torch.Tensor, patch_mask: torch.Tensor) -> VisionPass:
+        """The pass over `image_frames`' frames [n, 3, H, W] and patch masks [n, h, w], before its first layer."""
+        return self.model.vision_model.begin(frames, patch_mask)
+
+    def run_vision(self, state: VisionPass, layers: int) -> VisionPass:
+        """Run the pass's next `layers` encoder layers (those left, if fewer), in place."""
+        return self.model.vision_model.run(state, layers)
+
+    def end_vision(self, state: VisionPass) -> torch.Tensor:
+        """[n, image_seq_len, D_t]: the connector's output for a pass whose layers have all run."""
+        return self.model.connector(self.model.vision_model.end(state))
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """[B, T, D_t] token embeddings with `image_features` rows scattered, in order, into the `<image>` positions."""

@@ -34,10 +34,11 @@ class Tiny:
             self._reference.float().eval()
         return self._reference
 
-    def engine(self, max_batch=4, max_len=512, end_ids=None, caches=None, prefill_chunk=PREFILL_CHUNK) -> Engine:
+    def engine(self, max_batch=4, max_len=512, end_ids=None, caches=None, prefill_chunk=PREFILL_CHUNK,
+               **options) -> Engine:
         processor = SimpleNamespace(tokenizer=self.tokenizer, pad_token_id=2)  # all the engine uses of a Processor
         end_ids = self.end_ids if end_ids is None else end_ids
-        return Engine(self.model, processor, end_ids, max_batch, max_len, caches, prefill_chunk)
+        return Engine(self.model, processor, end_ids, max_batch, max_len, caches, prefill_chunk, **options)
 
     def prompt(self, text: str, n_images: int = 0, seed: int = 0, pixels: torch.Tensor | None = None) -> Prompt:
         """A chat prompt with `n_images` unsplit images (one 64x64 frame each) of random pixels before the text, or

@@ -211,3 +211,53 @@ def test_requests_added_from_other_threads_while_steps_store_and_load_blocks(v2)
     assert [got[f"q{i}"] for i in range(9)] == [results(plain, [p])[0].token_ids for p in prompts]
     assert caches.prefix.queried > 0 and caches.prefix.blocks.evictions > 0  # looked up, stored, evicted
     assert caches.prefix.blocks.bytes <= caches.prefix.blocks.max_bytes
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_frames_vision_pass_is_spread_over_steps_while_others_decode(tiny, cached):
+    """With vision_layers=1 a step runs at most one vision-encoder layer while requests decode (the tiny tower has
+    2, so every frame's pass spans two steps), each frame is encoded once, and every output equals its unchunked,
+    uncached run. An aborted request's pass in progress is dropped."""
+    caches = Caches(64) if cached else None
+    engine = tiny.engine(max_batch=4, caches=caches, prefill_chunk=16, vision_layers=1)
+    encoder = tiny.model.model.vision_model.encoder
+    assert len(encoder.layers) == 2
+    frames_run = []  # frames through one layer, per layer call (self_attn runs in the plain and the fused path)
+    hooks = [layer.self_attn.register_forward_hook(lambda m, args, out: frames_run.append(args[0].shape[0]))
+             for layer in encoder.layers]
+    running = [tiny.prompt(f"Tell me story number {i}.") for i in range(3)]
+    long = tiny.prompt("What happens in this video?", n_images=5, seed=11)
+    params = SamplingParams(max_new_tokens=40)
+    for i, p in enumerate(running):
+        engine.add_request(p, params, request_id=f"r{i}")
+    got, per_step = {f"r{i}": [] for i in range(3)} | {"long": []}, []
+    try:
+        for step in range(200):
+            if step == 2:
+                engine.add_request(long, GREEDY, request_id="long")
+            before = len(frames_run)
+            outputs = engine.step()
+            if {"r0", "r1", "r2"} <= {o.request_id for o in outputs}:  # the streams decoded in this step
+                per_step.append(sum(frames_run[before:]))
+            for o in outputs:
+                got[o.request_id] += o.token_ids
+            if not engine.has_unfinished():
+                break
+        assert max(per_step) == 1 and sum(frames_run) == 5 * 2  # one layer a step; 5 frames x 2 layers, once each
+        plain = tiny.engine(max_batch=1)
+        for rid, p in zip(got, running + [long]):
+            assert got[rid] == results(plain, [p], GREEDY if rid == "long" else params)[0].token_ids
+
+        engine.add_request(running[0], params, request_id="s")
+        engine.step()
+        engine.add_request(tiny.prompt("Other frames.", n_images=2, seed=12), GREEDY, request_id="gone")
+        engine.step()  # "gone" admitted, the first layer of its first frame run
+        assert engine.vision.current is not None and engine.vision.current.state.done == 1
+        engine.abort("gone")
+        engine.step()
+        assert engine.vision.current is None and [r.id for r in engine.running] == ["s"]
+        engine.abort("s")
+        engine.step()
+    finally:
+        for h in hooks:
+            h.remove()
