@@ -4,11 +4,12 @@ image-feature caches and chunked prefill.
 Layout. engine.py: the public Engine and the life of a request; prompt.py: a request's inputs; scheduler.py: the
 waiting queue, admission and each step's prefill budget; prefix_cache.py: hashed KV blocks of earlier sequences;
 feature_cache.py: image features by pixel content (caches.py holds both for all the engines of one model);
-vision_steps.py: a tile's vision pass spread over steps while others decode; cuda_graphs.py: the decode step replayed from CUDA graphs on a GPU. Requests occupy cache rows 0..n-1, each
-right-aligned at its own positions 0..len-1 (no left padding), so RoPE positions are cache positions and a row's
-length is all the engine needs to know about it. Rows 0..d-1 are decoding, rows d..n-1 are still being prefilled. A
-decode step attends keys 0..S-1 with mask `arange(S) <= pos[b]`, where S is the longest row rounded up (known on the
-host without a sync), so short batches never attend over the whole cache.
+vision_steps.py: a tile's vision pass spread over steps while others decode; cuda_graphs.py: the decode step replayed
+from CUDA graphs on a GPU. Requests occupy cache rows 0..n-1, each right-aligned at its own positions 0..len-1 (no
+left padding), so RoPE positions are cache positions and a row's length is all the engine needs to know about it.
+Rows 0..d-1 are decoding, rows d..n-1 are still being prefilled. A decode step attends keys 0..S-1 with mask
+`arange(S) <= pos[b]`, where S is the longest row rounded up (known on the host without a sync), so short batches
+never attend over the whole cache.
 
 Life of a request. `add_request` prepares the inputs (chat template, images), hashes its image frames (unless
 `prepare`'s image cache gave their keys) and its prompt's blocks (caches on) in the caller's thread, and queues it.
