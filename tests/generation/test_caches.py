@@ -142,7 +142,7 @@ def test_logits_after_a_cached_prefix_equal_a_full_forward(v2):
 
 
 def test_chunked_prefill_interleaves_with_running_streams_and_changes_no_token(tiny):
-    """A long many-frame prompt joins 3 running requests in chunks of 16 tokens and one new frame per step: the
+    """A long many-frame prompt joins 3 running requests in chunks of 16 tokens and 4 vision layers per step: the
     running ones get a token every step meanwhile, and every output equals its unchunked, uncached run."""
     engine = tiny.engine(max_batch=4, prefill_chunk=16)
     running = [tiny.prompt(f"Tell me story number {i}.", n_images=i % 2, seed=i) for i in range(3)]
