@@ -237,3 +237,11 @@ def test_streamed_text_of_multibyte_tokens(v2, stop):
             assert finals[rid].completion_tokens < len(script) - 3
         else:
             assert finals[rid].completion_tokens == len(script)
+
+
+@pytest.mark.parametrize("options, named", [({"prefill_chunk": 0}, "prefill_chunk=0"),
+                                            ({"vision_layers": 0}, "vision_layers=0"),
+                                            ({"vision_layers": 2.5}, "vision_layers=2.5")])
+def test_bad_chunk_budgets_are_refused_by_name(v2, options, named):
+    with pytest.raises(InputError, match=named):
+        v2.engine(**options)
