@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,31 +91,35 @@ def convert(folder: Path, tree: Path) -> dict[str, Path]:
     return paths
 
 
-def measured(cmd: list) -> tuple[str, float]:
-    """Run `cmd`; its stdout + stderr and its peak RSS in MB (its own: wait4 on this child)."""
-    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+def measured(cmd: list) -> tuple[str, str, float]:
+    """Run `cmd`; its stdout, its stderr, and its peak RSS in MB (its own: wait4 on this child)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if proc.returncode:
-        raise SystemExit(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{output[-3000:]}")
-    return output, usage.ru_maxrss / 1024
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{(stdout + stderr)[-3000:]}")
+    return stdout, stderr, usage.ru_maxrss / 1024
 
 
 def llama_text(bin_dir: Path, gguf: Path, threads: int, prompt_tokens: int) -> dict:
     # -v: without it this build's llama-bench crashed at exit; --repack 0: its AMX repacking of q8_0 weights crashes
     # on AMX CPUs (ggml_backend_amx_mul_mat), and f16 decodes at the same speed either way.
-    output, rss = measured([bin_dir / "llama-bench", "-v", "-m", gguf, "-t", threads, "-p", prompt_tokens,
-                            "-n", NEW_TOKENS_TEXT, "-r", 1, "--repack", 0, "-o", "json"])
-    rows = json.loads(output[output.index("\n[") + 1 : output.rindex("]") + 1])
+    output, _, rss = measured([bin_dir / "llama-bench", "-v", "-m", gguf, "-t", threads, "-p", prompt_tokens,
+                               "-n", NEW_TOKENS_TEXT, "-r", 1, "--repack", 0, "-o", "json"])
+    rows = json.loads(output)
     decode = next(r for r in rows if r["n_gen"] > 0)
     return {"decode_tps": decode["avg_ts"], "peak_rss_mb": rss}
 
 
 def llama_image(bin_dir: Path, paths: dict, image: Path, prompt: str, threads: int) -> dict:
-    output, rss = measured([bin_dir / "llama-mtmd-cli", "-m", paths["text-f16"], "--mmproj", paths["mmproj-f16"],
-                            "--image", image, "-p", prompt, "-n", NEW_TOKENS_IMAGE, "-t", threads, "--temp", 0,
-                            "--ignore-eos", "--perf", "-lv", 4])  # -lv 4: libllama's timings are logged as "trace"
+    stdout, stderr, rss = measured([bin_dir / "llama-mtmd-cli", "-m", paths["text-f16"], "--mmproj",
+                                    paths["mmproj-f16"], "--image", image, "-p", prompt, "-n", NEW_TOKENS_IMAGE,
+                                    "-t", threads, "--temp", 0, "--ignore-eos", "--perf",
+                                    "-lv", 4])  # -lv 4: libllama's timings are logged as "trace"
+    output = stdout + stderr
 
     def times(pattern):
         return [float(x) for x in re.findall(pattern, output)]
