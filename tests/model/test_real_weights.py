@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from smolvlm import Model
@@ -138,15 +139,19 @@ def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
     return (out.logits if hasattr(out, "logits") else out)[0].float()  # [T, V]
 
 
-def agreement(logits: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
-    """(top-1 agreement, max |logit error|) of teacher-forced logits [T, V] against the reference fp32 ones."""
-    return (logits.argmax(-1) == truth.argmax(-1)).float().mean().item(), (logits - truth).abs().max().item()
+def agreement(logits: torch.Tensor, truth: torch.Tensor) -> tuple[float, float, float, float]:
+    """(top-1 agreement, max |logit error|, mean |logit error|, mean KL(truth || logits)) of teacher-forced logits
+    [T, V] against the reference fp32 ones."""
+    error = (logits - truth).abs()
+    kl = F.kl_div(logits.log_softmax(-1), truth.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean()
+    top1 = (logits.argmax(-1) == truth.argmax(-1)).float().mean()
+    return top1.item(), error.max().item(), error.mean().item(), kl.item()
 
 
 def test_bf16_and_int8_keep_the_reference_fp32_answers_teacher_forced(real):
     """Top-1 agreement with the reference's fp32 logits: our bf16 no worse than the reference's own bf16 minus one
     point, int8 (on an fp32 and on a bf16 model) no worse than our bf16 minus one point (measured: 97.4% reference
-    bf16, 97.9% ours, 97.9% int8 on fp32, 98.1% int8 on bf16; per-row int8 scales gave 92-93%, and a bf16 model's
+    bf16, 97.9% ours, 97.4% int8 on fp32, 97.3% int8 on bf16; per-row int8 scales gave 92-93%, and a bf16 model's
     int8 decoder computing in bf16 instead of fp32 96.5%)."""
     ids = torch.tensor(real.tokenizer.encode(TEXT).ids)[None]
     assert 450 <= ids.shape[1] <= 700
@@ -166,7 +171,7 @@ def test_bf16_and_int8_keep_the_reference_fp32_answers_teacher_forced(real):
             truth = logits
             continue
         scores[name] = agreement(logits, truth)
-    print("teacher-forced top-1 agreement, max |logit error| vs reference fp32:", scores)
+    print("teacher-forced top-1 agreement, max and mean |logit error|, KL vs reference fp32:", scores)
     assert scores["bf16"][0] >= scores["reference bf16"][0] - 0.01
     assert scores["int8 fp32"][0] >= scores["bf16"][0] - 0.01
     assert scores["int8 bf16"][0] >= scores["bf16"][0] - 0.01
