@@ -10,8 +10,11 @@ Each round runs every workload on both sides in fresh processes, alternating; th
 rounds and the ratio ours / llama.cpp. Our side is benchmarks/bench.py's worker (the same workloads as its table);
 llama.cpp's are `llama-bench` (text: decode tok/s of 128 new tokens after a 31-token prompt) and `llama-mtmd-cli`
 (the 1536x1024 photo at the checkpoint's tiling, 13 tiles on both sides, 64 new tokens, greedy: the times it prints
-with --perf; time to first token = its slices' encoding + its prompt evaluation). Peak RSS is each process's own (wait4's ru_maxrss),
-and `import torch` alone is measured too, the floor of any torch process.
+with --perf; time to first token = its slices' encoding + its prompt evaluation). Peak RSS is each process's own
+(wait4's ru_maxrss), and `import torch` alone is measured too, the floor of any torch process. It also prints each
+decode step's memory-read floor: the bytes of weights a batch-1 step reads over this machine's read bandwidth, against
+our step. Both engines' threads spin-wait between parallel sections, so on a machine busy with other work each side
+slows by 10-100x at random: run it on a quiet machine.
 
     python benchmarks/llamacpp.py                 # 3 rounds, 2 threads
     python benchmarks/llamacpp.py --rounds 1 --json results.json
@@ -134,6 +137,34 @@ def llama_image(bin_dir: Path, paths: dict, image: Path, prompt: str, threads: i
             "decode_tps": float(decode.group(1)), "peak_rss_mb": rss}
 
 
+# The memory-read floor of a batch-1 decode step: the bytes of the text decoder's and lm_head's weights as our kernels
+# hold them (packed bf16, or int8 with its scales), over the machine's read bandwidth measured here (a 1 GiB tensor
+# summed by the same threads; best of 5).
+FLOOR = """
+import sys, time, torch
+from smolvlm import Model
+from smolvlm.model.fast import FastLinear
+torch.set_num_threads(int(sys.argv[3]))
+model = Model.from_pretrained(sys.argv[1], dtype=torch.bfloat16, fuse=True, quantize=sys.argv[2] or None)
+heads = [model.lm_head] + [m for m in model.model.text_model.modules() if isinstance(m, FastLinear)]
+weight_bytes = sum(m.weight.nbytes + m.scale.nbytes for m in heads)
+del model
+x = torch.ones(2**28)
+times = []
+for _ in range(6):
+    start = time.perf_counter()
+    x.sum()
+    times.append(time.perf_counter() - start)
+print(weight_bytes, x.nbytes / min(times[1:]))
+"""
+
+
+def decode_floor_ms(folder: Path, quantize: str, threads: int) -> tuple[float, float]:
+    """(weight bytes a decode step reads in MB, their read time at the measured bandwidth in ms)."""
+    weight_bytes, bandwidth = map(float, sh([sys.executable, "-c", FLOOR, folder, quantize, threads]).stdout.split())
+    return weight_bytes / 1e6, weight_bytes / bandwidth * 1e3
+
+
 def torch_floor_mb() -> float:
     code = "import torch; print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')))"
     return int(sh([sys.executable, "-c", code]).stdout) / 1024
@@ -182,6 +213,7 @@ def main() -> None:
         theirs.setdefault("image", []).append(llama_image(bin_dir, paths, image, IMAGE_PROMPT, args.threads))
         print(f"  round {round_ + 1} done, load average {os.getloadavg()[0]:.1f}", flush=True)
     floor = torch_floor_mb()
+    step_floors = {w: decode_floor_ms(folder, q, args.threads) for w, q in (("text", ""), ("text-int8", "int8"))}
     print(f"\nsmolvlm ({ROOT}) against llama.cpp ({SDIST}'s vendor/llama.cpp), {args.threads} threads, medians of "
           f"{args.rounds} rounds; our text prompt {prompt_tokens} tokens (llama-bench: the same count)\n")
     print("| workload | smolvlm | llama.cpp | ours / llama.cpp |\n| --- | --- | --- | --- |")
@@ -195,9 +227,13 @@ def main() -> None:
     print(f"\nThe photo: llama.cpp encodes {tiles} slices, ours {ours['photo'][0]['tiles']} tiles. "
           f"`import torch` alone: {floor:.0f} MB peak RSS; ours above it: "
           + ", ".join(f"{w} {statistics.median(r['peak_rss_mb'] for r in ours[w]) - floor:.0f} MB" for w in ours))
+    for w, (mb, floor_ms) in step_floors.items():
+        step_ms = 1e3 / statistics.median(r["decode_tps"] for r in ours[w])
+        print(f"{w}: a decode step reads {mb:.0f} MB of weights, {floor_ms:.1f} ms at this machine's read bandwidth; "
+              f"our step (engine included) {step_ms:.1f} ms: floor / ours x{floor_ms / step_ms:.2f}")
     if args.json:
         args.json.write_text(json.dumps({"ours": ours, "llama.cpp": theirs, "torch_floor_mb": floor,
-                                         "table": results}, indent=1))
+                                         "step_floors": step_floors, "table": results}, indent=1))
 
 
 if __name__ == "__main__":
