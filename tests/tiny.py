@@ -160,3 +160,14 @@ class Recorder(Sampler):
     def __call__(self, logits, start=0):
         self.logits += list(logits.float())
         return super().__call__(logits, start)
+
+
+def compiled_or_fallback(request, monkeypatch, module, unavailable: str) -> str:
+    """Body of a fixture with params ["compiled", "fallback"]: run with `module`'s C++ code (skipped with the reason
+    `unavailable` where it can't be built), or as where it can't (its `load()` says None)."""
+    if request.param == "compiled" and module.load() is None:
+        pytest.skip(unavailable)
+    if request.param == "fallback":
+        monkeypatch.setattr(module, "load", lambda: None)
+    return request.param
+

@@ -13,7 +13,7 @@ from smolvlm import InputError, Model
 from smolvlm.generation import Engine, Prompt, SamplingParams, end_token_ids
 from smolvlm.model import kernels
 from smolvlm.model.fast import FastLinear, decoder_weights
-from tiny import TINY_IMAGE_SEQ_LEN, make_tiny_checkpoint
+from tiny import TINY_IMAGE_SEQ_LEN, compiled_or_fallback, make_tiny_checkpoint
 
 IMAGE_BLOCK = "<fake_token_around_image><global-img>" + "<image>" * TINY_IMAGE_SEQ_LEN + "<fake_token_around_image>"
 
@@ -23,18 +23,15 @@ def folder(request):
     return request.getfixturevalue(f"tiny_{request.param}")
 
 
-@pytest.fixture(autouse=True, params=["kernels", "torch"])
+@pytest.fixture(autouse=True, params=["compiled", "fallback"])
 def path(request, monkeypatch):
     """Which CPU kernels fused models use: the C++ ones, or torch's (as where those can't be built or run)."""
-    if request.param == "kernels" and kernels.load() is None:
-        pytest.skip("the C++ kernels don't run here (they need a C++ compiler and an AVX512-BF16 CPU)")
-    if request.param == "torch":
-        monkeypatch.setattr(kernels, "load", lambda: None)
-    return request.param
+    unavailable = "the C++ kernels don't run here (they need a C++ compiler and an AVX512-BF16 CPU)"
+    return compiled_or_fallback(request, monkeypatch, kernels, unavailable)
 
 
-COPIED_KIND = {"kernels": "packed", "torch": "reordered"}  # how fused text-decoder layers run on each path
-INT8_KIND = {"kernels": "packed_int8", "torch": "int8"}
+COPIED_KIND = {"compiled": "packed", "fallback": "reordered"}  # how fused text-decoder layers run on each path
+INT8_KIND = {"compiled": "packed_int8", "fallback": "int8"}
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +72,9 @@ def test_fused_model_gives_the_plain_logits_and_greedy_text_in_fp32(folder, path
     fused = Model.from_pretrained(folder, fuse=True)
     kinds = {m.kind for m in fused.modules() if isinstance(m, FastLinear)}
     assert kinds == {COPIED_KIND[path], "view"}  # copied text layers; vision on its own weights (oneDNN)
-    assert (decoder_weights(fused) is not None) == (path == "kernels")  # the engine's one-call decode step
+    assert (decoder_weights(fused) is not None) == (path == "compiled")  # the engine's one-call decode step
     attention = fused.model.vision_model.encoder.layers[0].self_attn
-    assert attention.use_kernels == (path == "kernels")
+    assert attention.use_kernels == (path == "compiled")
     assert not any(isinstance(m, torch.nn.Linear) for m in fused.modules())
     x = inputs()
     torch.testing.assert_close(logits(fused, **x), logits(plain, **x), rtol=1e-4, atol=1e-4)

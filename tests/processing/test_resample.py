@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from processing_reference import FOLDERS, photo
+from tiny import compiled_or_fallback
 from smolvlm.processing import resample
 from smolvlm.processing.image_processor import ImageProcessor
 
@@ -85,14 +86,10 @@ SETTINGS = [
 IMAGES = [(512, 512), (1536, 1024), (1024, 1536), (333, 777), (4000, 3000), (2000, 1), (1, 3), (640, 360)]
 
 
-@pytest.fixture(params=["c++", "pillow"])
+@pytest.fixture(params=["compiled", "fallback"])
 def path(request, monkeypatch):
     """Run the image processor on the C++ path or on its Pillow fallback (as where no compiler is found)."""
-    if request.param == "c++" and resample.load() is None:
-        pytest.skip("the C++ resize can't be built here (no C++ compiler)")
-    if request.param == "pillow":
-        monkeypatch.setattr(resample, "load", lambda: None)
-    return request.param
+    return compiled_or_fallback(request, monkeypatch, resample, "the C++ resize can't be built here (no C++ compiler)")
 
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=["default", "unsplit", "1536-384", "video-512", "small"])
