@@ -12,15 +12,15 @@ did before (the bf16 model loaded, then quantized).
 
 Step: 2 conversations of one 384 px tile + 64 text tokens (the answer's tokens carry the loss). Both sides: LoRA r=8 on
 the text model's projections (the default), AdamW, gradient checkpointing, bf16 weights and compute, glibc's mmap
-threshold fixed as `finetune`'s Trainer fixes it on a CPU; QLoRA holds the text, vision and connector linear layers in
-NF4. Once the model is loaded, freed heap is handed back to the OS (malloc_trim) and the kernel's peak-RSS counter is
-reset (/proc/self/clear_refs), so "step peak" is the process's peak resident memory over the `--steps` optimizer steps:
-weights, activations, gradients, optimizer state, plus the Python/torch runtime ("runtime", the RSS before the model
-was loaded; peft, which both sides import, adds ~0.24 GiB more). Step time is the last step's.
+threshold fixed before loading as `finetune` fixes it on a CPU; QLoRA holds the text, vision and connector linear
+layers in NF4. Once the model is loaded, freed heap is handed back to the OS (malloc_trim) and the kernel's peak-RSS
+counter is reset (/proc/self/clear_refs), so "step peak" is the process's peak resident memory over the `--steps`
+optimizer steps: weights, activations, gradients, optimizer state, plus the Python/torch runtime ("runtime", the RSS
+before the model was loaded; peft, which both sides import, adds ~0.24 GiB more). Step time is the last step's.
 
 Each measurement runs in its own subprocess, one after the other.
 
-    python benchmarks/finetune_memory.py [--steps 2] [--threads N] [--only load|step]
+    python benchmarks/finetune_memory.py [--steps 2] [--threads N] [--only load|step|qlora|...]
 """
 
 from __future__ import annotations
@@ -125,6 +125,7 @@ def side(kind: str, folder: Path, steps: int) -> dict:
     from smolvlm.training.loss import enable_gradient_checkpointing, label_count, loss_sum
     from smolvlm.training.trainer import return_large_frees_to_os
 
+    return_large_frees_to_os()  # what finetune does on a CPU before it loads the model
     before = rss_now()
     began = time.perf_counter()
     model = load(kind.removeprefix("load-"), folder)
@@ -138,7 +139,6 @@ def side(kind: str, folder: Path, steps: int) -> dict:
     add_lora(model, r=8, alpha=16, dropout=0.05, targets=("text",), base="random")
     enable_gradient_checkpointing(model)
     model.train()
-    return_large_frees_to_os()  # what finetune's Trainer does on a CPU
 
     processor = Processor.from_pretrained(folder)
     image = Image.new("RGB", (384, 384), (120, 80, 200))
@@ -194,7 +194,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--only", choices=["load", "step"], help="only the load or only the step comparison")
+    parser.add_argument("--only", choices=["load", "step", *LOADS, *STEPS],
+                        help="only the load or only the step comparison, or one measurement (e.g. qlora)")
     parser.add_argument("--side", choices=LOADS + STEPS, help=argparse.SUPPRESS)  # the subprocess
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -207,7 +208,7 @@ def main() -> None:
         return
     if not FILES.is_dir():
         raise SystemExit(f"needs the real tokenizer files at {FILES}")
-    kinds = {"load": LOADS, "step": STEPS}.get(args.only, LOADS + STEPS)
+    kinds = {"load": LOADS, "step": STEPS, None: LOADS + STEPS}.get(args.only, (args.only,))
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_folder(Path(tmp) / "smolvlm2-2.2b-shape")
         write_weights(folder)
@@ -218,14 +219,14 @@ def main() -> None:
             out = subprocess.run(argv, check=True, capture_output=True, text=True, cwd=ROOT).stdout
             r[kind] = json.loads(out.strip().splitlines()[-1])
             print(json.dumps(r[kind]), flush=True)
-    if "load-qlora" in r:
+    if all(k in r for k in LOADS):
         lora, before, after = (r[k] for k in LOADS)
         print("\nLoading the SmolVLM2-2.2B shape (bf16 safetensors shards), CPU")
         print("| | LoRA: bf16 | QLoRA: bf16, then quantized | QLoRA: quantized while read |\n|---|---|---|---|")
         for key, label in (("load_peak_gib", "load peak RSS (GiB)"), ("loaded_gib", "RSS once loaded (GiB)"),
                            ("load_s", "load time (s)")):
             print(f"| {label} | {lora[key]:.2f} | {before[key]:.2f} | {after[key]:.2f} |")
-    if "qlora" in r:
+    if all(k in r for k in STEPS):
         lora, qlora = r["lora"], r["qlora"]
         print(f"\nSmolVLM2-2.2B shape, batch 2 x {lora['seq']} tokens (one 384 px tile + {TEXT_TOKENS} text), "
               f"{args.steps} steps, CPU")

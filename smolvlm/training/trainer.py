@@ -41,12 +41,14 @@ def lr_factor(schedule: str, warmup: int, total: int):
 def return_large_frees_to_os() -> None:
     """Make glibc's malloc hand every freed block of 1 MiB or more straight back to the OS (mmap/munmap).
 
-    By default glibc raises that threshold to the largest block freed so far (up to 32 MiB), after which a training
-    step's per-layer temporaries -- activations, a 4-bit weight dequantized for its matmul (up to 8192 x 2048 bf16 =
-    32 MiB) -- come from the heap, interleave with the autograd graph's small long-lived blocks and leave holes the
-    heap can't shrink past: the step's resident memory then grows layer after layer (measured at the SmolVLM2-2.2B
-    shape: several hundred MiB on a CPU, LoRA and QLoRA alike). A fixed threshold stops that adjustment. No-op
-    where the C library is not glibc."""
+    By default glibc raises that threshold to the largest block freed so far (up to 32 MiB), after which large
+    blocks come from the heap, interleave with small long-lived ones and leave holes the heap can't shrink past.
+    `finetune` calls this on a CPU before it loads the model: loading for QLoRA frees a bf16 weight per linear layer
+    (up to 8192 x 2048 = 32 MiB), and with the adjusted threshold the NF4 weights that followed landed in a heap with
+    ~1.3 GiB of holes (measured at the SmolVLM2-2.2B shape); the training step's small allocations then touched a
+    varying part of those holes again (peak RSS 2.0-2.9 GiB from run to run). During the step it keeps per-layer
+    temporaries (activations, a 4-bit weight dequantized for its matmul) from growing the heap layer after layer,
+    LoRA and full fine-tuning alike. No-op where the C library is not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
@@ -62,8 +64,6 @@ class Trainer:
         self.records, self.eval_records = records, eval_records
         self.total_steps = total_steps
         self.params = [p for p in model.parameters() if p.requires_grad]
-        if model.device.type == "cpu":
-            return_large_frees_to_os()
         fused = model.device.type in ("cpu", "cuda")  # one kernel for all parameters: several times faster
         self.optimizer = torch.optim.AdamW(self.params, lr=options.lr, weight_decay=options.weight_decay, fused=fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
