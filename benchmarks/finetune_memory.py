@@ -123,9 +123,9 @@ def side(kind: str, folder: Path, steps: int) -> dict:
     from smolvlm.training.data import Record, collate, encode
     from smolvlm.training.lora import add_lora
     from smolvlm.training.loss import enable_gradient_checkpointing, label_count, loss_sum
-    from smolvlm.training.trainer import return_large_frees_to_os
+    from smolvlm.weights import return_large_frees_to_os
 
-    return_large_frees_to_os()  # what finetune does on a CPU before it loads the model
+    return_large_frees_to_os()  # what Model.from_pretrained does on a CPU before it loads (the reference side too)
     before = rss_now()
     began = time.perf_counter()
     model = load(kind.removeprefix("load-"), folder)

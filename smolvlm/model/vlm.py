@@ -14,7 +14,7 @@ from torch import nn
 from .. import hub
 from ..config import SmolVLMConfig
 from ..errors import InputError
-from ..weights import load_weights, read_tensors, resolve_device, resolve_dtype
+from ..weights import load_weights, read_tensors, resolve_device, resolve_dtype, return_large_frees_to_os
 from . import fast, kernels
 from .connector import Connector
 from .kv_cache import KVCache
@@ -68,6 +68,8 @@ class Model(nn.Module):
         dtype = resolve_dtype(dtype, config.dtype)
         device = resolve_device(device)
         fast.check_quantize(quantize, device)
+        if device.type == "cpu":
+            return_large_frees_to_os()  # before the first weight is read: see its docstring
         with torch.device("meta"):
             model = cls(config)
         tied = frozenset({"lm_head.weight"} if config.tie_word_embeddings else ())

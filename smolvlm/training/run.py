@@ -24,7 +24,7 @@ from .formats import read_data
 from .lora import add_lora, merge, merged_onto, save_adapter
 from .loss import enable_gradient_checkpointing
 from .options import FinetuneOptions
-from .trainer import Trainer, return_large_frees_to_os
+from .trainer import Trainer
 
 
 @dataclass
@@ -64,8 +64,6 @@ def finetune(options: FinetuneOptions | None = None, **kwargs) -> FinetuneResult
     torch.manual_seed(o.seed)  # LoRA's initial weights and dropout draw from it
     device = o.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = qlora.compute_dtype(getattr(torch, o.dtype), torch.device(device)) if o.qlora else o.dtype
-    if torch.device(device).type == "cpu":
-        return_large_frees_to_os()  # before loading: see its docstring
     if o.qlora:
         model = qlora.load_quantized(folder, dtype, torch.device(device))
     else:

@@ -5,7 +5,6 @@ Records are a sequence (a list, or a `datasets` table read row by row): a micro-
 
 from __future__ import annotations
 
-import ctypes
 import math
 import sys
 import time
@@ -36,24 +35,6 @@ def lr_factor(schedule: str, warmup: int, total: int):
         return 1.0 - progress if schedule == "linear" else 1.0
 
     return factor
-
-
-def return_large_frees_to_os() -> None:
-    """Make glibc's malloc hand every freed block of 1 MiB or more straight back to the OS (mmap/munmap).
-
-    By default glibc raises that threshold to the largest block freed so far (up to 32 MiB), after which large
-    blocks come from the heap, interleave with small long-lived ones and leave holes the heap can't shrink past.
-    `finetune` calls this on a CPU before it loads the model: loading for QLoRA frees a bf16 weight per linear layer
-    (up to 8192 x 2048 = 32 MiB), and with the adjusted threshold the NF4 weights that followed landed in a heap with
-    ~1.3 GiB of holes (measured at the SmolVLM2-2.2B shape); the training step's small allocations then touched a
-    varying part of those holes again (peak RSS 2.0-2.9 GiB from run to run). During the step it keeps per-layer
-    temporaries (activations, a 4-bit weight dequantized for its matmul) from growing the heap layer after layer,
-    LoRA and full fine-tuning alike. No-op where the C library is not glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 class Trainer:
