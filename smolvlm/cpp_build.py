@@ -18,9 +18,11 @@ log = logging.getLogger(__name__)
 STALE_LOCK_S = 600  # the longest build takes ~30 s on 2 cores
 
 
-def build(name: str, sources: list[Path], folder: str, flags: list[str], ldflags: list[str] = (), note: str = ""):
+def build(name: str, sources: list[Path], folder: str, flags: list[str], ldflags: list[str] = (), what: str = "",
+          note: str = ""):
     """The compiled module `name` from `sources`, built in ~/.cache/smolvlm/<folder>-<torch version> unless already
-    there (saying so on stderr, with `note`: how long it takes). Raises what the builder raises (no compiler...)."""
+    there (saying so on stderr, naming it `what` (default: `name`), with `note`: how long it takes). Raises what the
+    builder raises (no compiler...)."""
     from torch.utils import cpp_extension
 
     try:  # torch's builder runs `ninja` from PATH; the pip package's binary sits in this environment's bin folder
@@ -35,7 +37,7 @@ def build(name: str, sources: list[Path], folder: str, flags: list[str], ldflags
     directory.mkdir(parents=True, exist_ok=True)
     clear_stale_lock(directory)
     if not (directory / f"{name}.so").exists():  # the first run would otherwise stall silently
-        print(f"smolvlm: building {name}, once, {note} (cached in {directory})", file=sys.stderr, flush=True)
+        print(f"smolvlm: building {what or name}, once, {note} (cached in {directory})", file=sys.stderr, flush=True)
     return cpp_extension.load(name, [str(p) for p in sources], extra_cflags=flags, extra_ldflags=list(ldflags),
                               build_directory=str(directory), verbose=False)
 

@@ -51,7 +51,8 @@ def load():
     where = hashlib.sha1(str(SOURCES[0].parent).encode()).hexdigest()[:10]
     start = time.perf_counter()
     try:
-        module = cpp_build.build("smolvlm_kernels", SOURCES, f"kernels-{where}", FLAGS, ["-fopenmp"], note="~30 s")
+        module = cpp_build.build("smolvlm_kernels", SOURCES, f"kernels-{where}", FLAGS, ["-fopenmp"],
+                                 what="CPU kernels", note="~30 s")
     # No compiler or ninja, an unwritable cache folder, or a compiler without these intrinsics: torch's kernels work.
     except Exception as e:
         lines = str(e).splitlines() or [type(e).__name__]

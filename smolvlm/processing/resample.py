@@ -36,7 +36,8 @@ def load():
         return None
     source = hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:10]  # a changed source builds afresh
     try:
-        return build("smolvlm_resample", [SOURCE], f"resample-{source}", FLAGS, note="~10 s")
+        return build("smolvlm_resample", [SOURCE], f"resample-{source}", FLAGS, what="the C++ image resize",
+                     note="~10 s")
     except Exception as e:  # no compiler or ninja, an unwritable cache folder: Pillow's resize gives the same pixels
         log.warning("smolvlm: C++ image resize unavailable, using Pillow's (%s)", str(e).splitlines()[0][:300])
         return None
