@@ -25,7 +25,6 @@ from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import av
 from PIL import Image
 
 from ..errors import InputError
@@ -70,6 +69,8 @@ def read_video(
     `shrink` (e.g. ImageProcessor.shrink) is applied to each kept frame as soon as it is decoded, so only one frame
     at a time is held at the video's size.
     """
+    import av  # here, not at the top: PyAV's FFmpeg libraries add ~16 MB to a process that never reads a video
+
     name = name or video_name(source)
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
@@ -85,11 +86,13 @@ def read_video(
     return frames, indices, metadata
 
 
-def _why(e: av.FFmpegError) -> str:
+def _why(e: Exception) -> str:  # an av.FFmpegError
     return e.strerror or type(e).__name__
 
 
 def _open(source, name: str):
+    import av
+
     if isinstance(source, io.IOBase):
         source.seek(0)
     try:
