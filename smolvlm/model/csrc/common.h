@@ -1,5 +1,6 @@
-// Shared by the C++ CPU kernels (AVX512-F + AVX512-BF16 + AVX512-VNNI; built on first use by smolvlm/model/kernels.py): bf16
-// conversions, the packed-weight register tiles every matmul here runs on, and the vectorized exp.
+// Shared by the C++ CPU kernels (AVX512-F + AVX512-BF16 + AVX512-VNNI; built on first use by
+// smolvlm/model/kernels.py): bf16 conversions, the packed-weight register tiles every matmul here runs on, and the
+// vectorized exp.
 //
 // Packed layouts (kernels.py packs; N padded to a multiple of 16 with zero rows), so that each block of 16 output rows
 // is one contiguous stream:
@@ -75,7 +76,7 @@ void tile(const bf16* x, int64_t ldx, const bf16* w, int64_t K, O* y, int64_t ld
   for (int m = 0; m < MT; ++m) store16(y + m * ldy, _mm512_add_ps(acc[m][0], acc[m][1]), mask);
 }
 
-// int8 weights (weight-only quantization, one scale per row and group of GROUP input channels, llama.cpp's Q8_0) run
+// int8 weights (one scale per row and group of GROUP input channels, llama.cpp's Q8_0) run
 // on activations quantized the same way to int16 (one scale per row and group: max |x| / 32767, i.e. 15 bits against
 // bf16's 8): the products are VPDPWSSD's exact integer sums, and the weights need one sign extension per 32 (no
 // conversion to float), so batch-1 decoding runs at the speed memory is read. A group's integer sum is exact in any

@@ -53,18 +53,19 @@ torch::Tensor linear(const torch::Tensor& x, const Weight& W, int64_t N) {
     TORCH_CHECK(W.scale.numel() == NB * G * 16, "linear: int8 weight needs [blocks, ceil(K / ", GROUP, "), 16] scales");
     auto q = torch::empty({M, K}, x.options().dtype(torch::kShort));
     auto xs = torch::empty({M, G}, x.options().dtype(torch::kFloat));
-    const int16_t* qp = ptr<int16_t>(q);
-    const float *sp = ptr<float>(xs), *ws = ptr<float>(W.scale);
+    int16_t* qp = ptr<int16_t>(q);
+    float* sp = ptr<float>(xs);
+    const float* ws = ptr<float>(W.scale);
     const int8_t* wp = ptr<int8_t>(W.w);
     auto args = [&](int64_t m, int64_t nb) {
       return std::make_tuple(qp + m * K, K, sp + m * G, wp + nb * 16 * K, ws + nb * G * 16, K);
     };
     if (x.scalar_type() == torch::kBFloat16) {
-      quantize_rows(ptr<bf16>(x), M, K, ptr<int16_t>(q), ptr<float>(xs));
+      quantize_rows(ptr<bf16>(x), M, K, qp, sp);
       matmul(M, N, NB, ptr<bf16>(y), args);
     } else {
       TORCH_CHECK(x.scalar_type() == torch::kFloat, "linear: int8 W needs a bf16 or fp32 x");
-      quantize_rows(ptr<float>(x), M, K, ptr<int16_t>(q), ptr<float>(xs));
+      quantize_rows(ptr<float>(x), M, K, qp, sp);
       matmul(M, N, NB, ptr<float>(y), args);
     }
   } else if (x.scalar_type() == torch::kBFloat16) {
