@@ -9,8 +9,10 @@ layers for `FastLinear`s, in place:
   `_linear_pointwise` on a reordered weight is what torch.compile's CPU freezing pass emits).
 - Vision tower and connector (large matmuls, compute-bound): on the CPU the same oneDNN call on the layer's own weight
   (no copy), with the bias, and for fc1 the tanh GELU, applied inside the matmul (`fc1_gelu`). Where the C++ kernels
-  run, the tower's attention is theirs (about twice torch's CPU flash attention in bf16), and each residual add is one
-  pass with the LayerNorm after it.
+  run, each residual add is one pass with the LayerNorm after it, and the tower's attention is theirs on CPUs without
+  AMX (about twice torch's CPU flash attention in bf16 on Zen 4); with AMX, torch's flash attention runs its products
+  on the tiles and is ~4x the kernels' (a 1024-patch tile's 12 heads on 2 threads: bf16 5.3 vs 20.7 ms, fp32 16.1 vs
+  20.3).
 - C++ kernels (smolvlm/model/kernels.py, CPUs with AVX512-BF16 and VNNI): the copied weights are instead packed in the
   kernels' layout, which both prefill matmuls and the one-call decode step (`Model.decode`) read.
 - `quantize="int8"`: the text decoder's and lm_head's weights become int8 and read half the bytes of bf16. With the
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from ..weights import reuse_large_frees
 from . import kernels
 
 QUANTIZE = ("int8",)
@@ -224,10 +227,13 @@ def fuse(model: nn.Module, quantize: str | None = None, read: Callable[[list[str
                 setattr(module, name, None)
             setattr(module, attr, fast)
         if hasattr(module, "use_kernels"):  # the vision tower's attention and norms: the C++ kernels where they run
-            module.use_kernels = kernels.runs(next(module.parameters()))
+            module.use_kernels = kernels.runs(next(module.parameters())) and not (
+                type(module).__name__ == "VisionAttention" and kernels.amx())  # torch's is faster there
     if quantize:  # an int8 decoder computes in fp32 (the module docstring): TextModel runs in its norms' dtype
         _text_norms(model, torch.float32)
     model.packed_decoder = decoder_weights(model)  # built once: ~1 ms of Python per token if built per step
+    if next(model.parameters()).device.type == "cpu":
+        reuse_large_frees()  # loading is over: an inference model's large temporaries are reused (its docstring)
 
 
 def _text_norms(model: nn.Module, dtype: torch.dtype) -> None:

@@ -63,6 +63,13 @@ def load():
     return module
 
 
+@functools.cache
+def amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Sapphire Rapids or newer), which torch's oneDNN matmuls and CPU flash
+    attention use for bf16."""
+    return torch.cpu._is_amx_tile_supported()
+
+
 def runs(tensor: torch.Tensor) -> bool:
     """Whether the kernels run here on tensors like this one (CPU, bf16 or fp32)."""
     return tensor.device.type == "cpu" and tensor.dtype in DTYPES and load() is not None

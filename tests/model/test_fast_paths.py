@@ -74,7 +74,7 @@ def test_fused_model_gives_the_plain_logits_and_greedy_text_in_fp32(folder, path
     assert kinds == {COPIED_KIND[path], "view"}  # copied text layers; vision on its own weights (oneDNN)
     assert (decoder_weights(fused) is not None) == (path == "compiled")  # the engine's one-call decode step
     attention = fused.model.vision_model.encoder.layers[0].self_attn
-    assert attention.use_kernels == (path == "compiled")
+    assert attention.use_kernels == (path == "compiled" and not kernels.amx())  # with AMX, torch's is faster
     assert not any(isinstance(m, torch.nn.Linear) for m in fused.modules())
     x = inputs()
     torch.testing.assert_close(logits(fused, **x), logits(plain, **x), rtol=1e-4, atol=1e-4)
