@@ -25,7 +25,8 @@ from .. import cpp_build
 log = logging.getLogger(__name__)
 
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))  # and their common.h
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma", "-fopenmp"]
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma", "-fopenmp",
+         "-mamx-tile", "-mamx-bf16"]  # AMX: only run where the CPU has it (amx())
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"}
 DTYPES = (torch.bfloat16, torch.float32)
 
@@ -59,15 +60,17 @@ def load():
         reason = next((line for line in lines if "error" in line.lower() and "Error building" not in line), lines[0])
         log.warning("smolvlm: C++ CPU kernels unavailable, using torch's kernels (%s)", reason.strip()[:300])
         return None
-    log.info("smolvlm: C++ CPU kernels ready in %.1f s", time.perf_counter() - start)
+    module.set_amx(amx())
+    log.info("smolvlm: C++ CPU kernels ready in %.1f s%s", time.perf_counter() - start, ", AMX" if amx() else "")
     return module
 
 
 @functools.cache
 def amx() -> bool:
-    """Whether this CPU has AMX tiles (Intel Sapphire Rapids or newer), which torch's oneDNN matmuls and CPU flash
-    attention use for bf16."""
-    return torch.cpu._is_amx_tile_supported()
+    """Whether this CPU has AMX tiles (Intel Sapphire Rapids or newer) and this process may use them (asked of
+    Linux once): the kernels' bf16 matmuls run on them (csrc/amx.cpp), and so do torch's CPU flash attention and
+    oneDNN's bf16 matmuls."""
+    return torch.cpu._is_amx_tile_supported() and torch.cpu._init_amx()
 
 
 def runs(tensor: torch.Tensor) -> bool:

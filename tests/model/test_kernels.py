@@ -20,6 +20,16 @@ pytestmark = pytest.mark.skipif(
 SHAPES = [(1, 48, 64), (3, 50, 6), (8, 16, 128), (9, 33, 64), (130, 40, 96)]  # (M, N, K): tails of every loop
 
 
+@pytest.fixture(params=["avx512", "amx"])
+def bf16_path(request):
+    """Each path of the bf16 matmuls: AVX512-BF16 register tiles, and AMX tiles (where the CPU has them)."""
+    if request.param == "amx" and not kernels.amx():
+        pytest.skip("this CPU has no AMX tiles (Intel Sapphire Rapids or newer)")
+    kernels.load().set_amx(request.param == "amx")
+    yield request.param
+    kernels.load().set_amx(kernels.amx())
+
+
 def test_a_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path):
     lock = tmp_path / "lock"
     lock.touch()
@@ -41,7 +51,7 @@ def test_pack_then_unpack_gives_the_weight_back(dtype):
 
 @pytest.mark.parametrize("m,n,k", SHAPES)
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 8e-3), (torch.float32, 1e-5)])
-def test_linear_is_x_times_w_transposed(m, n, k, dtype, tol):
+def test_linear_is_x_times_w_transposed(m, n, k, dtype, tol, bf16_path):
     g = torch.Generator().manual_seed(m * n + k)
     x, w = torch.randn(2, m, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype)
     y = kernels.linear(x, kernels.pack(w), torch.empty(0), n)
@@ -86,19 +96,20 @@ def test_int8_linear_is_int16_x_times_the_dequantized_weight(m, n, k, dtype):
 
 
 @pytest.mark.parametrize("kind", ["bf16", "fp32", "int8"])
-def test_linear_rows_dont_depend_on_the_batch(kind):
+def test_linear_rows_dont_depend_on_the_batch(kind, bf16_path):
     """Batch invariance: a row's output is bit-identical whatever rows share its matmul (1..130 of them: every
-    register-tile height, and more rows than one pass over the weights takes)."""
+    register-tile height, AMX's 16 and 32 rows and their tails, and more rows than one pass over the weights
+    takes)."""
     g = torch.Generator().manual_seed(1)
     dtype = torch.float32 if kind == "fp32" else torch.bfloat16
-    x, w = torch.randn(130, 200, generator=g).to(dtype), torch.randn(40, 200, generator=g).to(dtype)
+    x, w = torch.randn(130, 192, generator=g).to(dtype), torch.randn(40, 192, generator=g).to(dtype)
     if kind == "int8":
         q, scale = kernels.quantize_int8(w)
         packed, scale = kernels.pack(q), kernels.pack_scales(scale)
     else:
         packed, scale = kernels.pack(w), torch.empty(0)
     alone = torch.cat([kernels.linear(x[i : i + 1], packed, scale, 40) for i in range(130)])
-    for m in (2, 3, 5, 8, 9, 17, 130):
+    for m in (2, 3, 5, 8, 9, 16, 17, 32, 33, 130):
         assert torch.equal(kernels.linear(x[:m], packed, scale, 40), alone[:m]), m
 
 
@@ -173,7 +184,24 @@ def test_decode_step_refuses_a_position_outside_the_cache(tiny_v2):
         model.decode(torch.tensor([1, 2]), torch.tensor([3, 16]), cache, keys=16)
 
 
-def test_decode_step_in_bf16_stays_within_bf16_rounding(tiny_v2):
+@pytest.mark.skipif(not kernels.amx(), reason="this CPU has no AMX tiles (Intel Sapphire Rapids or newer)")
+def test_bf16_matmuls_run_on_amx_tiles_where_the_cpu_has_them():
+    """Both paths are within bf16 rounding of the exact product, and they are two paths: their sums run in different
+    orders (AVX512: even and odd input pairs apart; AMX: chunks of 32 in turn), so a few outputs in 10^4 differ in
+    the last bit."""
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(128, 1536, generator=g).bfloat16(), torch.randn(256, 1536, generator=g).bfloat16()
+    packed, ref = kernels.pack(w), x.double() @ w.double().T
+    y = {}
+    for amx in (False, True):
+        kernels.load().set_amx(amx)
+        y[amx] = kernels.linear(x, packed, torch.empty(0), 256)
+        assert ((y[amx].double() - ref).abs() <= 8e-3 * (ref.abs() + ref.abs().mean())).all()
+    kernels.load().set_amx(True)
+    assert not torch.equal(y[False], y[True])
+
+
+def test_decode_step_in_bf16_stays_within_bf16_rounding(tiny_v2, bf16_path):
     fast, plain, cache, plain_cache = decode_step_both(tiny_v2, torch.bfloat16, torch.tensor([9, 30]))
     assert ((fast - plain).norm() / plain.norm()) < 0.01
     assert (fast.argmax(-1) == plain.argmax(-1)).all()

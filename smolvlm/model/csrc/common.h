@@ -1,4 +1,4 @@
-// Shared by the C++ CPU kernels (AVX512-F + AVX512-BF16 + AVX512-VNNI; built on first use by
+// Shared by the C++ CPU kernels (AVX512-F + AVX512-BF16 + AVX512-VNNI, and AMX where present; built on first use by
 // smolvlm/model/kernels.py): bf16 conversions, the packed-weight register tiles every matmul here runs on, and the
 // vectorized exp.
 //
@@ -222,6 +222,11 @@ void matmul_serial(const T* x, int64_t ldx, int64_t M, int64_t K, const T* w, in
       tiles(std::min(MT_MAX, M - m), x + m * ldx, ldx, w + n0 * K, K, y + m * ldy + n0, ldy, tail_mask(N - n0));
   }
 }
+
+// amx.cpp: y [M, N] = x [M, K] @ W^T for bf16 x and W packed, on AMX tiles (K % 32 == 0); linear runs it for every
+// bf16 matmul while amx_enabled (set from Python where the CPU has AMX and the OS lets this process use it).
+extern bool amx_enabled;
+void matmul_amx(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t N, bf16* y);
 
 // The ops (matmul.cpp, vision.cpp, decode.cpp), bound to Python in module.cpp.
 torch::Tensor linear(const torch::Tensor& x, const Weight& W, int64_t N);

@@ -1,6 +1,7 @@
 // Packed matmuls (the text decoder's and lm_head's weights): batch-1 decoding reads every weight once per token, so
-// it runs at the speed memory is read; torch's matrix-vector products (oneDNN) read ~20 GB/s of this machine's ~33
-// from a model's many small matrices, these ~29. Large M (prefill) runs at oneDNN's speed (~440 GFLOP/s in bf16).
+// it runs at the speed memory is read; torch's matrix-vector products (oneDNN) read ~20 GB/s of the Zen 4 VM's ~33
+// from a model's many small matrices, these ~29. Large M (prefill) runs at oneDNN's speed there (~440 GFLOP/s in
+// bf16). Where the CPU has AMX, bf16 runs on its tiles instead (amx.cpp: 1.3-1.9 TFLOP/s on 2 Intel cores).
 #include "common.h"
 
 namespace smolvlm {
@@ -71,6 +72,10 @@ torch::Tensor linear(const torch::Tensor& x, const Weight& W, int64_t N) {
   } else if (x.scalar_type() == torch::kBFloat16) {
     TORCH_CHECK(W.w.scalar_type() == torch::kBFloat16, "linear: bf16 x needs a bf16 or int8 weight");
     const bf16 *xp = ptr<bf16>(x), *wp = ptr<bf16>(W.w);
+    if (amx_enabled && K % 32 == 0) {
+      matmul_amx(xp, M, K, wp, N, ptr<bf16>(y));
+      return y;
+    }
     matmul(M, N, NB, ptr<bf16>(y), [&](int64_t m, int64_t nb) {
       return std::make_tuple(xp + m * K, K, wp + nb * 16 * K, K);
     });

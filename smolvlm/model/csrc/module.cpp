@@ -7,6 +7,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", [](const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, int64_t n) {
     return smolvlm::linear(x, {w, scale}, n);
   }, "y [M, N] = x [M, K] @ W^T with W packed (int8 W: with its per-row scales)");
+  m.def("set_amx", [](bool on) { smolvlm::amx_enabled = on; },
+        "bf16 matmuls on AMX tiles (only where the CPU has them and the process may use them)");
   m.def("add_layer_norm", &smolvlm::add_layer_norm, "(x + y, LayerNorm(x + y)): a residual add and the next norm");
   m.def("vision_attention", &smolvlm::vision_attention, "bidirectional attention [B, L, H * Dh] (the vision tower's)");
   m.def("cached_attention", &smolvlm::cached_attention,
