@@ -44,13 +44,11 @@ class SmolVLMPredictor:
                  max_model_len: int = 2048, limits: Limits | None = None, options: dict | None = None,
                  model_name: str | None = None):
         from ..api import load
-        from ..generation import Engine
-        from .runner import Answers, Preparer
+        from .runner import Answers, Preparer, batch_engine
 
         self.vlm = load(model, dtype=dtype, device=device, revision=revision, quantize=quantize, adapter=adapter,
                         progress=False)
-        engine = Engine(self.vlm.model, self.vlm.processor, self.vlm.end_ids, max_batch=max_batch,
-                        max_len=max_model_len)
+        engine = batch_engine(self.vlm, max_batch, max_model_len)
         self.answers = Answers(engine, model_name or str(model))
         limits = limits or Limits(allow_file_urls=True)
         self.preparer = Preparer(self.vlm.processor, limits, engine.max_len, options)

@@ -128,6 +128,14 @@ def peak_rss_kb() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def batch_engine(vlm, max_batch: int, max_len: int) -> Engine:
+    """The engine of a batch job (local or a Ray actor). An offline job wants throughput, not short gaps between a
+    stream's tokens, so prefill is not chunked: the requests admitted in a step are prefilled whole, together, with
+    their frames encoded in batches (4 at a time on a CPU) rather than one encoder slice per step (16 one-tile photos
+    on 2 AMX cores: 1.1x -> 1.6x the reference's images per minute). Tokens are the same either way."""
+    return Engine(vlm.model, vlm.processor, vlm.end_ids, max_batch=max_batch, max_len=max_len, prefill_chunk=None)
+
+
 class Answers:
     """Books a batch's requests on an Engine and turns finished ones into result lines."""
 
@@ -243,7 +251,7 @@ def run(vlm, items: Iterator[Item], journal: Journal, *, model_name: str, limits
                 yield item
             seen.add(item.key)
 
-    engine = Engine(vlm.model, vlm.processor, vlm.end_ids, max_batch=max_batch, max_len=context)
+    engine = batch_engine(vlm, max_batch, context)
     answers = Answers(engine, model_name)
     context_spawn = multiprocessing.get_context("spawn")  # fork would copy the engine's threads and memory
     pool = ProcessPoolExecutor(workers, mp_context=context_spawn, initializer=_start_worker,

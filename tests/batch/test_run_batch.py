@@ -141,3 +141,35 @@ def test_one_job_per_output_file(tmp_path):
         Journal(tmp_path / "out.jsonl")
     first.close()
     Journal(tmp_path / "out.jsonl").close()
+
+
+def test_a_batch_jobs_engine_prefills_whole_prompts_with_the_same_tokens(tiny_v2, photos):
+    """The batch engine doesn't chunk prefill: a request admitted while others decode has its frames encoded whole
+    (no vision slices carried over steps), and every request gets the tokens the interactive engine gives it."""
+    from PIL import Image
+
+    import smolvlm
+    from smolvlm.batch.runner import batch_engine
+    from smolvlm.generation import Engine, SamplingParams
+
+    vlm = smolvlm.load(tiny_v2)
+    convs = [[{"role": "user", "content": [{"type": "image", "image": Image.open(photos / f"p{i}.png")},
+                                           {"type": "text", "text": f"Describe picture {i}."}]}] for i in range(4)]
+    params = [SamplingParams(max_new_tokens=n) for n in (2, 9, 3, 7)]  # rows finish apart: admission mid-decode
+    interactive = Engine(vlm.model, vlm.processor, vlm.end_ids, max_batch=2, max_len=512)
+    batch = batch_engine(vlm, 2, 512)
+    sliced = {}  # engine -> encoder layers run in slices carried over steps
+
+    def counting(engine, name):
+        run = engine.vision.run
+
+        def counted(prefilling, layers):
+            done = run(prefilling, layers)
+            sliced[name] = sliced.get(name, 0) + done
+            return done
+        engine.vision.run = counted
+
+    counting(interactive, "interactive"), counting(batch, "batch")
+    expected = [r.token_ids for r in interactive.generate(convs, params)]
+    assert [r.token_ids for r in batch.generate(convs, params)] == expected
+    assert sliced["interactive"] > 0 and sliced["batch"] == 0
