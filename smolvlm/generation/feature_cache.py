@@ -16,6 +16,7 @@ from collections import OrderedDict
 import torch
 
 from ..errors import InputError
+from ..model.vlm import VISION_CHUNK
 
 ZERO_FRAME = "An image frame is all zeros (what batch padding looks like): the model drops it"
 
@@ -110,11 +111,18 @@ def chunk_features(model, cache: LRU | None, chunks: list) -> torch.Tensor | Non
     n = model.config.image_seq_len
     if missing:
         shown = [users[0] for users in missing.values()]
-        pixels = torch.stack([r.prompt.pixel_values[f] for r, f in shown])[None].to(model.device)  # [1, m, 3, S, S]
-        masks = torch.stack([r.prompt.pixel_attention_mask[f] for r, f in shown])[None].to(model.device)
-        encoded = model.get_image_features(pixels, masks)  # [m * N, D]
-        if encoded.shape[0] != len(shown) * n:
-            raise InputError(ZERO_FRAME)
+        # Stacked a vision pass's worth at a time: an unchunked prefill of many tiled photos (a batch job's) would
+        # otherwise hold a second copy of all their pixels (16 photos of ~14 tiles: ~1 GB in fp32).
+        group = VISION_CHUNK.get(model.device.type, VISION_CHUNK["cpu"])
+        encoded = []
+        for i in range(0, len(shown), group):
+            part = shown[i : i + group]
+            pixels = torch.stack([r.prompt.pixel_values[f] for r, f in part])[None].to(model.device)  # [1, g, 3, S, S]
+            masks = torch.stack([r.prompt.pixel_attention_mask[f] for r, f in part])[None].to(model.device)
+            encoded.append(model.get_image_features(pixels, masks))  # [g * N, D]
+            if encoded[-1].shape[0] != len(part) * n:
+                raise InputError(ZERO_FRAME)
+        encoded = torch.cat(encoded)  # [m * N, D]
         for (key, users), features in zip(missing.items(), encoded.view(len(shown), n, -1).unbind(0)):
             if isinstance(key, bytes):
                 cache.put(key, features.clone())  # its own storage: evicted alone
