@@ -37,6 +37,7 @@ import torch
 
 from ..errors import InputError
 from ..model.kv_cache import KVCache
+from ..model.vlm import VISION_CHUNK
 from .caches import Caches
 from .constraints import grammars_for
 from .cuda_graphs import GraphDecoder
@@ -116,7 +117,9 @@ class Engine:
         self.last = torch.zeros(max_batch, **long)  # each row's last sampled token = its next input token
         self.caches = caches
         self.scheduler = Scheduler(prefill_chunk, vision_layers)
-        self.vision = SlicedVision(model, None if caches is None else caches.features)
+        # a pass as wide as a step's layer budget (one layer per step), at most a vision batch (Model.get_image_features)
+        width = min(vision_layers, VISION_CHUNK.get(self.device.type, VISION_CHUNK["cpu"]))
+        self.vision = SlicedVision(model, None if caches is None else caches.features, width)
         self.running: list[Request] = []  # running[i] owns slot i
         self.decoding = 0  # running[:decoding] decode, running[decoding:] are being prefilled
         self.ids = itertools.count()

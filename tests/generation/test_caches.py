@@ -214,12 +214,14 @@ def test_requests_added_from_other_threads_while_steps_store_and_load_blocks(v2)
 
 
 @pytest.mark.parametrize("cached", [False, True])
-def test_a_frames_vision_pass_is_spread_over_steps_while_others_decode(tiny, cached):
-    """With vision_layers=1 a step runs at most one vision-encoder layer while requests decode (the tiny tower has
-    2, so every frame's pass spans two steps), each frame is encoded once, and every output equals its unchunked,
-    uncached run. An aborted request's pass in progress is dropped."""
+@pytest.mark.parametrize("layers", [1, 2])
+def test_a_frames_vision_pass_is_spread_over_steps_while_others_decode(tiny, cached, layers):
+    """With vision_layers=L a step runs at most L frame-layers while requests decode: one encoder layer of a pass
+    over L frames (the tiny tower has 2 layers, so every pass spans two steps; the 5th frame's pass alone runs both
+    in one step when L=2); each frame is encoded once, and every output equals its unchunked, uncached run. An
+    aborted request's pass in progress is dropped."""
     caches = Caches(64) if cached else None
-    engine = tiny.engine(max_batch=4, caches=caches, prefill_chunk=16, vision_layers=1)
+    engine = tiny.engine(max_batch=4, caches=caches, prefill_chunk=16, vision_layers=layers)
     encoder = tiny.model.model.vision_model.encoder
     assert len(encoder.layers) == 2
     frames_run = []  # frames through one layer, per layer call (self_attn runs in the plain and the fused path)
@@ -243,7 +245,7 @@ def test_a_frames_vision_pass_is_spread_over_steps_while_others_decode(tiny, cac
                 got[o.request_id] += o.token_ids
             if not engine.has_unfinished():
                 break
-        assert max(per_step) == 1 and sum(frames_run) == 5 * 2  # one layer a step; 5 frames x 2 layers, once each
+        assert max(per_step) == layers and sum(frames_run) == 5 * 2  # L frame-layers a step; 5 frames x 2, once
         plain = tiny.engine(max_batch=1)
         for rid, p in zip(got, running + [long]):
             assert got[rid] == results(plain, [p], GREEDY if rid == "long" else params)[0].token_ids
