@@ -51,8 +51,8 @@ from .vision_steps import SlicedVision
 
 KEY_BLOCK = 64  # decode attends a multiple of this many key positions
 PREFILL_CHUNK = 128  # prompt tokens prefilled per step while other requests decode (scheduler.py)
-# Vision-encoder layers run per step while other requests decode (vision_steps.py): a third of a SmolVLM2-256M tile,
-# ~0.2 s on 2 quiet CPU cores
+# Vision-encoder frame-layers run per step while other requests decode (vision_steps.py): one layer of 4 SmolVLM2-256M
+# tiles, ~70 ms on 2 quiet AMX cores
 VISION_LAYERS = 4
 
 
@@ -91,7 +91,7 @@ class GenerationResult:
 class Engine:
     """`caches`: the prefix and image-feature caches to use and fill (None: none). `prefill_chunk`: prompt tokens
     prefilled per step while other requests are decoding (scheduler.py; None: whole prompts at once);
-    `vision_layers`: vision-encoder layers run per step meanwhile (vision_steps.py)."""
+    `vision_layers`: vision-encoder frame-layers run per step meanwhile (vision_steps.py)."""
 
     def __init__(self, model, processor, end_ids: list[int], max_batch: int = 8, max_len: int = 4096,
                  caches: Caches | None = None, prefill_chunk: int | None = PREFILL_CHUNK,

@@ -69,7 +69,7 @@ class Scheduler:
         if prefill_chunk is not None and not (isinstance(prefill_chunk, int) and prefill_chunk >= 1):
             raise InputError(f"prefill_chunk={prefill_chunk!r}: expected an integer >= 1 (tokens per step) or None")
         if not (isinstance(vision_layers, int) and vision_layers >= 1):
-            raise InputError(f"vision_layers={vision_layers!r}: expected an integer >= 1 (encoder layers per step)")
+            raise InputError(f"vision_layers={vision_layers!r}: expected an integer >= 1 (encoder frame-layers per step)")
         self.prefill_chunk, self.vision_layers = prefill_chunk, vision_layers
         self.waiting: deque[Request] = deque()
         self.aborted: set[str] = set()
