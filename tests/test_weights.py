@@ -280,8 +280,9 @@ def test_model_code_never_imports_transformers():
 # In a fresh process (malloc's settings are per process): page faults taken by allocating, filling and freeing a
 # 6 MB tensor 20 times after the load (a vision tile's fc1 output is that size).
 FAULTS = """
-import resource, sys, torch
+import ctypes, resource, sys, torch
 from smolvlm import Model
+ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KB pages whatever the system's huge-page setting
 Model.from_pretrained(sys.argv[1], fuse=sys.argv[2] == "fused")
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(20):
