@@ -72,12 +72,12 @@ def return_large_frees_to_os() -> None:
 
 
 def reuse_large_frees() -> None:
-    """Once a model is fused for inference (`fast.fuse`, as `from_pretrained(fuse=True)` does): blocks below 32 MiB come from the heap again
-    and up to 64 MiB of free heap top stays mapped (glibc's own adaptive maximums). A matmul's temporaries (oneDNN's
-    output and scratch, MBs each for a vision tile) then reuse memory already paged in instead of a fresh mmap that
-    faults in every page on every call: under the 1 MiB threshold the vision tower's matmuls ran at half speed (fc1 of
-    one 1024-patch tile 4.3 -> 8.5 ms on 2 threads). The weights are in place by then, so no load temporary is left to
-    make holes."""
+    """Once a model is fused for inference (`fast.fuse`, as `from_pretrained(fuse=True)` does): blocks below 32 MiB come
+    from the heap again and up to 64 MiB of free heap top stays mapped (glibc's own adaptive maximums). A matmul's
+    temporaries (oneDNN's output and scratch, MBs each for a vision tile) then reuse memory already paged in instead of
+    a fresh mmap that faults in every page on every call: under the 1 MiB threshold the vision tower's matmuls ran at
+    half speed (fc1 of one 1024-patch tile 4.3 -> 8.5 ms on 2 threads). The weights are in place by then, so no load
+    temporary is left to make holes."""
     _mallopt(M_MMAP_THRESHOLD, 32 << 20)
     _mallopt(M_TRIM_THRESHOLD, 64 << 20)
 

@@ -37,7 +37,7 @@ import torch
 
 from ..errors import InputError
 from ..model.kv_cache import KVCache
-from ..model.vlm import VISION_CHUNK
+from ..model.vlm import vision_chunk
 from .caches import Caches
 from .constraints import grammars_for
 from .cuda_graphs import GraphDecoder
@@ -117,8 +117,8 @@ class Engine:
         self.last = torch.zeros(max_batch, **long)  # each row's last sampled token = its next input token
         self.caches = caches
         self.scheduler = Scheduler(prefill_chunk, vision_layers)
-        # a pass as wide as a step's layer budget (one layer per step), at most a vision batch (Model.get_image_features)
-        width = min(vision_layers, VISION_CHUNK.get(self.device.type, VISION_CHUNK["cpu"]))
+        # a pass as wide as a step's layer budget (one layer per step), at most a vision batch (get_image_features)
+        width = min(vision_layers, vision_chunk(self.device))
         self.vision = SlicedVision(model, None if caches is None else caches.features, width)
         self.running: list[Request] = []  # running[i] owns slot i
         self.decoding = 0  # running[:decoding] decode, running[decoding:] are being prefilled

@@ -16,7 +16,7 @@ from collections import OrderedDict
 import torch
 
 from ..errors import InputError
-from ..model.vlm import VISION_CHUNK
+from ..model.vlm import vision_chunk
 
 ZERO_FRAME = "An image frame is all zeros (what batch padding looks like): the model drops it"
 
@@ -95,6 +95,14 @@ def ready(r, frame: int, cache: LRU | None) -> bool:
     return r.features[frame] is not None or (cache is not None and r.frames[frame] in cache.entries)
 
 
+def stacked_frames(model, shown: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pixels [1, g, 3, S, S] and pixel masks [1, g, S, S] of (request, frame) pairs, on the model's device: one
+    image of g frames, as Model.image_frames and get_image_features take them."""
+    pixels = torch.stack([r.prompt.pixel_values[f] for r, f in shown])[None].to(model.device)
+    masks = torch.stack([r.prompt.pixel_attention_mask[f] for r, f in shown])[None].to(model.device)
+    return pixels, masks
+
+
 def chunk_features(model, cache: LRU | None, chunks: list) -> torch.Tensor | None:
     """Features [n, D] of the image tokens of `chunks` ((request, end): prompt positions request.length..end-1), in
     order. Each frame shown comes from its request (encoded by an earlier chunk), the cache, or one vision batch of
@@ -113,13 +121,11 @@ def chunk_features(model, cache: LRU | None, chunks: list) -> torch.Tensor | Non
         shown = [users[0] for users in missing.values()]
         # Stacked a vision pass's worth at a time: an unchunked prefill of many tiled photos (a batch job's) would
         # otherwise hold a second copy of all their pixels (16 photos of ~14 tiles: ~1 GB in fp32).
-        group = VISION_CHUNK.get(model.device.type, VISION_CHUNK["cpu"])
+        group = vision_chunk(model.device)
         encoded = []
         for i in range(0, len(shown), group):
             part = shown[i : i + group]
-            pixels = torch.stack([r.prompt.pixel_values[f] for r, f in part])[None].to(model.device)  # [1, g, 3, S, S]
-            masks = torch.stack([r.prompt.pixel_attention_mask[f] for r, f in part])[None].to(model.device)
-            encoded.append(model.get_image_features(pixels, masks))  # [g * N, D]
+            encoded.append(model.get_image_features(*stacked_frames(model, part)))  # [g * N, D]
             if encoded[-1].shape[0] != len(part) * n:
                 raise InputError(ZERO_FRAME)
         encoded = torch.cat(encoded)  # [m * N, D]

@@ -5,12 +5,12 @@ another request is prefilling right now waits for that prefill to end: then its 
 the shared part is copied instead of computed again (8 questions about one photo in one batch prefill the photo
 once).
 
-Chunked prefill. While requests are decoding, one step prefills at most `prefill_chunk` prompt tokens and runs at
-most `vision_layers` vision-encoder layers (vision_steps.py: a tile's pass spread over steps), so a long prompt (many
-tiles, a video) joins the batch over several steps and the running streams keep getting a token per step. A chunk
-stops before the first frame whose features are not at hand yet. With nothing decoding, the whole prompts are
-prefilled in one step, their frames in one vision batch: chunks would only add steps. prefill_chunk=None turns
-chunking off.
+Chunked prefill. While requests are decoding, one step prefills at most `prefill_chunk` prompt tokens and runs at most
+`vision_layers` vision-encoder frame-layers (vision_steps.py: a pass over a few tiles spread over steps), so a long
+prompt (many tiles, a video) joins the batch over several steps and the running streams keep getting a token per step. A
+chunk stops before the first frame whose features are not at hand yet. With nothing decoding, the whole prompts are
+prefilled in one step, their frames in one vision batch: chunks would only add steps. prefill_chunk=None turns chunking
+off.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class Scheduler:
         if prefill_chunk is not None and not (isinstance(prefill_chunk, int) and prefill_chunk >= 1):
             raise InputError(f"prefill_chunk={prefill_chunk!r}: expected an integer >= 1 (tokens per step) or None")
         if not (isinstance(vision_layers, int) and vision_layers >= 1):
-            raise InputError(f"vision_layers={vision_layers!r}: expected an integer >= 1 (encoder frame-layers per step)")
+            raise InputError(f"vision_layers={vision_layers!r}: expected an integer >= 1 (frame-layers per step)")
         self.prefill_chunk, self.vision_layers = prefill_chunk, vision_layers
         self.waiting: deque[Request] = deque()
         self.aborted: set[str] = set()

@@ -1,22 +1,21 @@
-"""Chunked prefill's vision work: the frames prefilling requests wait for, encoded a few encoder layers per step.
+"""Chunked prefill's vision work: the frames prefilling requests wait for, encoded a few frame-layers per step.
 
 One 512px tile through the vision tower (SmolVLM2-256M: 12 SigLIP layers over 1024 patches) takes ~0.6 s on 2 CPU
 cores, so as one step's work it alone would be the running streams' longest wait between two tokens. While requests
 decode, a step runs at most the scheduler's `vision_layers` frame-layers (4: one layer of 4 frames, or 4 layers of
 one): the pass in progress carries its hidden state (`VisionPass`: [n, 1024, 768] for n tiles, 1.5 MB each in bf16)
 to the next step, and frames whose layers have all run go through the connector into the feature cache and to every
-prefilling request that shows them. The pass is `Model.get_image_features`' math in the same order, so the features are its bits.
+prefilling request that shows them. The pass is `Model.get_image_features`' math in the same order, so the features
+are its bits.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..errors import InputError
 from ..model.vision import VisionPass
-from .feature_cache import LRU, ZERO_FRAME, ready
+from .feature_cache import LRU, ZERO_FRAME, ready, stacked_frames
 from .scheduler import Request
 
 
@@ -69,7 +68,7 @@ class SlicedVision:
 
     def _begin(self, prefilling: list[Request]) -> FramePass | None:
         """The pass of the first `frames` distinct frames that prefilling requests still wait for (None: none)."""
-        keys, users, pixels, masks = [], [], [], []
+        keys, users, shown = [], [], []
         for r in prefilling:
             for f in r.shows(r.length, len(r.prompt)):
                 if len(keys) == self.frames:
@@ -84,12 +83,10 @@ class SlicedVision:
                     key = r.frames[f]
                     waiting = [(q, g) for q in prefilling if q.frames is not None
                                for g, k in enumerate(q.frames) if k == key and q.features[g] is None]
-                keys.append(key), users.append(waiting)
-                pixels.append(r.prompt.pixel_values[f]), masks.append(r.prompt.pixel_attention_mask[f])
+                keys.append(key), users.append(waiting), shown.append((r, f))
         if not keys:
             return None
-        frames, patch_mask = self.model.image_frames(torch.stack(pixels)[None].to(self.model.device),
-                                                     torch.stack(masks)[None].to(self.model.device))  # [1, n, ...]
+        frames, patch_mask = self.model.image_frames(*stacked_frames(self.model, shown))
         if frames.shape[0] != len(keys):
             raise InputError(ZERO_FRAME)
         return FramePass(keys, users, self.model.begin_vision(frames, patch_mask))

@@ -25,6 +25,11 @@ from .vision import VisionPass, VisionTransformer
 VISION_CHUNK = {"cpu": 4, "cuda": 16}  # frames per vision-tower pass by device type (see get_image_features)
 
 
+def vision_chunk(device: torch.device) -> int:
+    """Frames per vision-tower pass on `device` (VISION_CHUNK; other device types as the CPU)."""
+    return VISION_CHUNK.get(device.type, VISION_CHUNK["cpu"])
+
+
 class Backbone(nn.Module):
     """The `model.` prefix of the checkpoint keys."""
 
@@ -141,7 +146,7 @@ class Model(nn.Module):
         # matmuls (CPU: 4 x 1024 patches for 512px tiles; GPU: 16 x 1024, enough to fill an H200 and to amortize the
         # launches) are already as fast per frame as any bigger batch, while the activations of a many-tile photo or a
         # 64-frame video stay those of one chunk. (Autograd keeps every chunk's anyway: one pass.)
-        chunk = len(frames) if torch.is_grad_enabled() else VISION_CHUNK.get(frames.device.type, VISION_CHUNK["cpu"])
+        chunk = len(frames) if torch.is_grad_enabled() else vision_chunk(frames.device)
         layers = self.model.vision_model.n_layers
         features = torch.cat([
             self.end_vision(self.run_vision(self.begin_vision(f, m), layers))  # [chunk, N, D_t]
