@@ -134,6 +134,23 @@ def test_cached_attention_is_causal_sdpa_over_each_rows_own_keys(dtype, tol):
         kernels.cached_attention(q, k, v, pos + 20)
 
 
+@pytest.mark.parametrize("dh", [16, 64, 80])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cached_attention_gives_each_query_the_bits_of_the_decode_steps_attention(dtype, dh):
+    """The prefill runs 16 queries of a head at a time; a lone query runs the decode step's per-query attention.
+    Every query of a long prefill gets exactly the lone query's bits: blocks of 16 and their tails, consecutive
+    positions (a prompt, a continued row) and any others (padding repeats positions), head dims of 1 to 5 vectors."""
+    g = torch.Generator().manual_seed(4)
+    b, heads, kv_heads, t, s = 3, 4, 2, 37, 90
+    q = torch.randn(b, heads, t, dh, generator=g).to(dtype)
+    k, v = (torch.randn(b, kv_heads, s, dh, generator=g).to(dtype).float() for _ in range(2))
+    pos = torch.stack([torch.arange(t), torch.arange(t) + 40, torch.randint(0, s, (t,), generator=g)]).contiguous()
+    got = kernels.cached_attention(q, k, v, pos)
+    alone = torch.cat([kernels.cached_attention(q[:, :, i : i + 1].contiguous(), k, v, pos[:, i : i + 1].contiguous())
+                       for i in range(t)], dim=1)
+    assert torch.equal(got, alone)
+
+
 @pytest.mark.parametrize("b,length,heads,dh", [(1, 64, 4, 8), (2, 100, 3, 72), (3, 17, 2, 16)])
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float32, 1e-5)])
 def test_vision_attention_is_the_references_sdpa(b, length, heads, dh, dtype, tol):

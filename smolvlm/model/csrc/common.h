@@ -167,6 +167,25 @@ inline __m512 exp_ps(__m512 x) {
   return _mm512_maskz_mov_ps(normal, _mm512_scalef_ps(p, n));
 }
 
+// The sum of a vector's 16 lanes in one fixed order: halves, quarters, then pairs (gcc's _mm512_reduce_add_ps, spelled
+// out so that no compiler's choice can change it): the prefill's attention (attention.cpp) adds the same numbers in
+// the same order for 16 queries at once (sum16_lanes), and so gets the decode step's bits.
+inline float sum16(__m512 a) {
+  const __m256 h = _mm256_add_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)),
+                                 _mm512_castps512_ps256(a));                                    // a[i + 8] + a[i]
+  const __m128 q = _mm_add_ps(_mm256_extractf128_ps(h, 1), _mm256_castps256_ps128(h));        // h[i + 4] + h[i]
+  const __m128 p = _mm_add_ps(q, _mm_shuffle_ps(q, q, _MM_SHUFFLE(1, 0, 3, 2)));             // q[0] + q[2], q[1] + q[3]
+  return _mm_cvtss_f32(_mm_add_ss(p, _mm_shuffle_ps(p, p, _MM_SHUFFLE(1, 1, 1, 1))));       // p[0] + p[1]
+}
+
+// Lane r of the result = sum16 of (a[0][r], ..., a[15][r]): the same additions in the same order, 16 sums at once.
+inline __m512 sum16_lanes(const __m512* a) {
+  __m512 h[8], q[4];
+  for (int i = 0; i < 8; ++i) h[i] = _mm512_add_ps(a[i + 8], a[i]);
+  for (int i = 0; i < 4; ++i) q[i] = _mm512_add_ps(h[i + 4], h[i]);
+  return _mm512_add_ps(_mm512_add_ps(q[0], q[2]), _mm512_add_ps(q[1], q[3]));
+}
+
 // A softmax's numerators: out[0:len] = exp(x - max(x)) with x = s * scale (+ additive mask), x kept in s; returns
 // 1 / their sum. Two passes over the row, the second writing the numerators in out's type.
 template <typename T>
@@ -187,7 +206,7 @@ float softmax_numerators(float* s, int64_t len, float scale, const float* mask, 
     store16(out + j, e, m);
     sum = _mm512_add_ps(sum, e);
   }
-  return 1.0f / _mm512_reduce_add_ps(sum);
+  return 1.0f / sum16(sum);
 }
 
 // One query's attention over keys 0..len-1 of a cached head: dst[0:Dh] = softmax(q . k_j * scale) . v_j, with q [Dh]
@@ -202,7 +221,7 @@ void attend(const float* q, const float* K, const float* V, int64_t len, int64_t
     __m512 acc = _mm512_setzero_ps();
     for (int64_t i = 0; i < Dh; i += 16)
       acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps(K + j * Dh + i), acc);
-    scores[j] = _mm512_reduce_add_ps(acc);
+    scores[j] = sum16(acc);
   }
   const float inv = softmax_numerators(scores.data(), len, scale, nullptr, scores.data());
   __m512 out[16];  // Dh <= 256
@@ -228,7 +247,7 @@ void matmul_serial(const T* x, int64_t ldx, int64_t M, int64_t K, const T* w, in
 extern bool amx_enabled;
 void matmul_amx(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t N, bf16* y);
 
-// The ops (matmul.cpp, vision.cpp, decode.cpp), bound to Python in module.cpp.
+// The ops (matmul.cpp, vision.cpp, attention.cpp, decode.cpp), bound to Python in module.cpp.
 torch::Tensor linear(const torch::Tensor& x, const Weight& W, int64_t N);
 torch::Tensor vision_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                const torch::Tensor& mask, int64_t n_heads);

@@ -98,42 +98,6 @@ torch::Tensor decode(torch::Tensor h, const torch::Tensor& pos, const std::vecto
 
 }  // namespace
 
-torch::Tensor cached_attention(const torch::Tensor& q, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
-                               const torch::Tensor& pos) {
-  TORCH_CHECK(q.dim() == 4 && q.is_contiguous() && pos.is_contiguous() && pos.scalar_type() == torch::kLong,
-              "cached_attention: q [B, H, T, Dh] and positions [B, T], contiguous");
-  TORCH_CHECK(cache_k.dim() == 4 && cache_k.scalar_type() == torch::kFloat && cache_k.stride(3) == 1 &&
-              cache_k.strides() == cache_v.strides() && cache_k.sizes() == cache_v.sizes(),
-              "cached_attention: fp32 caches [B, Hkv, S, Dh] with unit stride along Dh");
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), Dh = q.size(3), Hkv = cache_k.size(1), S = cache_k.size(2);
-  TORCH_CHECK(Dh % 16 == 0 && Dh <= 256 && Dh == cache_k.size(3) && H % Hkv == 0 && cache_k.size(0) >= B &&
-              pos.size(0) == B && pos.size(1) == T, "cached_attention: shapes don't match");
-  const int64_t* P = pos.data_ptr<int64_t>();
-  for (int64_t i = 0; i < B * T; ++i)
-    TORCH_CHECK(P[i] >= 0 && P[i] < S, "cached_attention: position ", P[i], " is outside the cache's ", S);
-  auto out = torch::empty({B, T, H * Dh}, q.options());
-  const float scale = 1.0f / std::sqrt(float(Dh));
-  const int64_t sb = cache_k.stride(0), sh = cache_k.stride(1), ss = cache_k.stride(2);
-  TORCH_CHECK(ss == Dh, "cached_attention: cache rows must be contiguous along Dh");
-  auto run = [&](auto* qp, auto* op) {
-    at::parallel_for(0, B * H * T, 16, [&](int64_t begin, int64_t end) {
-      std::vector<float> qf(Dh), scores;
-      for (int64_t task = begin; task < end; ++task) {  // task = (b, h, t): query t of head h in row b
-        const int64_t b = task / (H * T), h = task / T % H, t = task % T;
-        const int64_t kv = b * sb + h / (H / Hkv) * sh;
-        for (int64_t i = 0; i < Dh; ++i) qf[i] = to_f(qp[task * Dh + i]);
-        attend(qf.data(), ptr<float>(cache_k) + kv, ptr<float>(cache_v) + kv, P[b * T + t] + 1, Dh, scale, scores,
-               op + (b * T + t) * H * Dh + h * Dh);
-      }
-    });
-  };
-  if (q.scalar_type() == torch::kBFloat16)
-    run(ptr<bf16>(q), ptr<bf16>(out));
-  else
-    run(ptr<float>(q), ptr<float>(out));
-  return out;
-}
-
 torch::Tensor decode_step(const torch::Tensor& h, const torch::Tensor& pos, const std::vector<torch::Tensor>& layers,
                           const torch::Tensor& norm, const torch::Tensor& lm_head, const torch::Tensor& lm_head_scale,
                           const torch::Tensor& inv_freq, torch::Tensor cache_k, torch::Tensor cache_v, int64_t n_heads,
