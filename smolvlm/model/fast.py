@@ -9,10 +9,9 @@ layers for `FastLinear`s, in place:
   `_linear_pointwise` on a reordered weight is what torch.compile's CPU freezing pass emits).
 - Vision tower and connector (large matmuls, compute-bound): on the CPU the same oneDNN call on the layer's own weight
   (no copy), with the bias, and for fc1 the tanh GELU, applied inside the matmul (`fc1_gelu`). Where the C++ kernels
-  run, each residual add is one pass with the LayerNorm after it, and the tower's attention is theirs on CPUs without
-  AMX (about twice torch's CPU flash attention in bf16 on Zen 4); with AMX, torch's flash attention runs its products
-  on the tiles and is ~4x the kernels' (a 1024-patch tile's 12 heads on 2 threads: bf16 5.3 vs 20.7 ms, fp32 16.1 vs
-  20.3).
+  run, each residual add is one pass with the LayerNorm after it, fc1's GELU is a pass of theirs after oneDNN's
+  matmul (oneDNN's fused GELU cost ~0.7x the matmul, theirs ~0.5x), and the tower's attention is theirs where it beats
+  torch's CPU flash attention (`kernels.attention_beats_torch`).
 - C++ kernels (smolvlm/model/kernels.py, CPUs with AVX512-BF16 and VNNI): the copied weights are instead packed in the
   kernels' layout, which both prefill matmuls and the one-call decode step (`Model.decode`) read.
 - `quantize="int8"`: the text decoder's and lm_head's weights become int8 and read half the bytes of bf16. With the
@@ -99,6 +98,8 @@ class FastLinear(nn.Module):
         if self.kind in ("packed", "packed_int8"):
             return kernels.linear(x, self.weight, self.scale, self.out_features)
         if self.kind in ("reordered", "view"):
+            if self.activation and kernels.runs(x):  # the kernels' GELU pass costs ~0.5x the matmul, oneDNN's ~0.7x
+                return kernels.gelu_tanh_(torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], ""))
             attr, algorithm = ("gelu", "tanh") if self.activation else ("none", "")
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, attr, [], algorithm)
         if self.kind == "int8":
@@ -227,8 +228,9 @@ def fuse(model: nn.Module, quantize: str | None = None, read: Callable[[list[str
                 setattr(module, name, None)
             setattr(module, attr, fast)
         if hasattr(module, "use_kernels"):  # the vision tower's attention and norms: the C++ kernels where they run
-            module.use_kernels = kernels.runs(next(module.parameters())) and not (
-                type(module).__name__ == "VisionAttention" and kernels.amx())  # torch's is faster there
+            weight = next(module.parameters())
+            module.use_kernels = kernels.runs(weight) and (
+                type(module).__name__ != "VisionAttention" or kernels.attention_beats_torch(weight, module.head_dim))
     if quantize:  # an int8 decoder computes in fp32 (the module docstring): TextModel runs in its norms' dtype
         _text_norms(model, torch.float32)
     model.packed_decoder = decoder_weights(model)  # built once: ~1 ms of Python per token if built per step

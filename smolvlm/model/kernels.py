@@ -73,6 +73,14 @@ def amx() -> bool:
     return torch.cpu._is_amx_tile_supported() and torch.cpu._init_amx()
 
 
+def attention_beats_torch(weight: torch.Tensor, head_dim: int) -> bool:
+    """Whether the kernels' vision attention is faster than torch's CPU flash attention for a tower of this dtype and
+    head size: everywhere without AMX (about twice torch's in bf16 on Zen 4). With AMX torch runs its products on the
+    tiles, and so do the kernels in bf16 with heads of 32 or 64 dims (csrc/amx.cpp; 4 frames of 1024 patches, 12
+    heads, 2 threads: 14.7 vs 19.2 ms); otherwise torch's is faster there (fp32: 16.1 vs 20.3 ms a frame)."""
+    return not amx() or (weight.dtype == torch.bfloat16 and head_dim in (32, 64))
+
+
 def runs(tensor: torch.Tensor) -> bool:
     """Whether the kernels run here on tensors like this one (CPU, bf16 or fp32)."""
     return tensor.device.type == "cpu" and tensor.dtype in DTYPES and load() is not None
@@ -161,6 +169,18 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     b, length, _ = q.shape
     mask = q.new_empty(0, dtype=torch.float32) if mask is None else mask.reshape(b, length).float().contiguous()
     return load().vision_attention(q.contiguous(), k.contiguous(), v.contiguous(), mask, heads)
+
+
+def gelu_tanh_(y: torch.Tensor) -> torch.Tensor:
+    """y = GELU(y) (tanh approximation) in place, with torch's CPU kernel's operations in its order; returns y."""
+    load().gelu_tanh_(y)
+    return y
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up [..., 2 I] = [gate | up], each op rounded as torch's: the decode step's
+    arithmetic, so that a prefilled token's MLP has its decoded bits."""
+    return load().silu_mul(gate_up.contiguous())
 
 
 def add_layer_norm(x: torch.Tensor, y: torch.Tensor, norm: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:

@@ -151,14 +151,17 @@ def test_cached_attention_gives_each_query_the_bits_of_the_decode_steps_attentio
     assert torch.equal(got, alone)
 
 
-@pytest.mark.parametrize("b,length,heads,dh", [(1, 64, 4, 8), (2, 100, 3, 72), (3, 17, 2, 16)])
+@pytest.mark.parametrize("b,length,heads,dh",
+                         [(1, 64, 4, 8), (2, 100, 3, 72), (3, 17, 2, 16), (2, 100, 3, 64), (3, 33, 2, 32)])
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float32, 1e-5)])
-def test_vision_attention_is_the_references_sdpa(b, length, heads, dh, dtype, tol):
-    """Against torch's SDPA as the reference calls it: heads split from [B, L, D], additive key mask or none."""
+def test_vision_attention_is_the_references_sdpa(b, length, heads, dh, dtype, tol, bf16_path):
+    """Against torch's SDPA as the reference calls it: heads split from [B, L, D], additive key mask or none. On AMX
+    the bf16 heads of 32 and 64 dims run on the tiles (lengths off 16 and 32: padded keys and queries)."""
     g = torch.Generator().manual_seed(length)
     q, k, v = (torch.randn(b, length, heads * dh, generator=g).to(dtype) for _ in range(3))
     mask = torch.zeros(b, 1, 1, length, dtype=dtype)
     mask[0, ..., length // 3 :] = torch.finfo(dtype).min  # frame 0: only its first third of patches are image
+    mask[-1] = torch.finfo(dtype).min  # the last frame: no key allowed, so every key weighs the same (not NaN)
 
     def split(t):
         return t.view(b, length, heads, dh).transpose(1, 2)
@@ -248,3 +251,31 @@ def test_int8_decode_step_runs_the_int8_weights(tiny_v2):
     unquantized, _ = decode_then_layers(tiny_v2, None)
     assert ((fast - layers).norm() / layers.norm()) < 0.005
     assert (fast - layers).norm() < 0.2 * (unquantized - layers).norm()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, None), (torch.float32, 3e-7)])
+def test_gelu_is_torchs_tanh_gelu(dtype, tol):
+    """fc1's GELU pass: torch's tanh GELU to float rounding (bf16: within one rounding step), both sides of
+    the polynomial/exponential switch of tanh, the saturated ends and IEEE specials; a 16-wide tail."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.cat([torch.randn(4099, generator=g) * 4, torch.linspace(-12, 12, 997),
+                   torch.tensor([0.0, -0.0, 1e-30, -1e-30, 60.0, -60.0, 1e4, -1e4, float("inf"), -float("inf")])])
+    x = x.to(dtype)
+    ref = F.gelu(x, approximate="tanh")
+    got = kernels.gelu_tanh_(x.clone())
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol, equal_nan=True)
+    nan = kernels.gelu_tanh_(torch.tensor([float("nan")], dtype=dtype))
+    assert nan.isnan().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_silu_mul_is_the_mlps_activation(dtype):
+    """The prefill MLP's silu(gate) * up (the decode step's arithmetic) against torch's two ops, to float rounding;
+    an intermediate size with a 16-wide tail."""
+    g = torch.Generator().manual_seed(7)
+    gate_up = (torch.randn(2, 5, 2 * 40, generator=g) * 4).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    got = kernels.silu_mul(gate_up)
+    assert got.shape == (2, 5, 40) and got.dtype == dtype
+    torch.testing.assert_close(got, F.silu(gate) * up, rtol=1e-6 if dtype == torch.float32 else None,
+                               atol=1e-6 if dtype == torch.float32 else None)

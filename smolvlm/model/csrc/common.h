@@ -246,15 +246,21 @@ void matmul_serial(const T* x, int64_t ldx, int64_t M, int64_t K, const T* w, in
 // bf16 matmul while amx_enabled (set from Python where the CPU has AMX and the OS lets this process use it).
 extern bool amx_enabled;
 void matmul_amx(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t N, bf16* y);
+// amx.cpp: the vision tower's bidirectional attention (vision.cpp's, same arguments) on AMX tiles, Dh % 32 == 0;
+// vision_attention runs it for bf16 while amx_enabled.
+void attention_amx(const bf16* q, const bf16* k, const bf16* v, const float* mask, bf16* out, int64_t B, int64_t L,
+                   int64_t H, int64_t Dh);
 
 // The ops (matmul.cpp, vision.cpp, attention.cpp, decode.cpp), bound to Python in module.cpp.
 torch::Tensor linear(const torch::Tensor& x, const Weight& W, int64_t N);
 torch::Tensor vision_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                const torch::Tensor& mask, int64_t n_heads);
+void gelu_tanh_(torch::Tensor& y);
 std::vector<torch::Tensor> add_layer_norm(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& weight,
                                           const torch::Tensor& bias, double eps);
 torch::Tensor cached_attention(const torch::Tensor& q, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
                                const torch::Tensor& pos);
+torch::Tensor silu_mul(const torch::Tensor& gu);
 torch::Tensor decode_step(const torch::Tensor& h, const torch::Tensor& pos, const std::vector<torch::Tensor>& layers,
                           const torch::Tensor& norm, const torch::Tensor& lm_head, const torch::Tensor& lm_head_scale,
                           const torch::Tensor& inv_freq, torch::Tensor cache_k, torch::Tensor cache_v, int64_t n_heads,

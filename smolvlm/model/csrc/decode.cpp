@@ -14,6 +14,19 @@ void rms_norm(const T* x, const T* weight, T* out, int64_t D, float eps) {
   for (int64_t i = 0; i < D; ++i) out[i] = from_f<T>(to_f(weight[i]) * rnd<T>(to_f(x[i]) * r));
 }
 
+// out[0:I] = silu(gate) rounded, times up, rounded (as the plain path's two bf16 ops) for gu = [gate | up] [2 I]: the
+// MLP's activation, in the decode step and in the prefill (silu_mul), so that both give the same bits.
+template <typename T>
+void silu_mul_row(const T* gu, T* out, int64_t I) {
+  for (int64_t i = 0; i < I; i += 16) {
+    const __mmask16 m = tail_mask(I - i);
+    const __m512 gate = load16(gu + i, m), up = load16(gu + I + i, m);
+    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gate));  // exp(-gate)
+    const __m512 silu = _mm512_div_ps(gate, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+    store16(out + i, _mm512_mul_ps(round16(silu, T()), up), m);
+  }
+}
+
 constexpr size_t LAYER_TENSORS = 10;  // per decoder layer in decode_step's list (fast.py: decoder_weights)
 
 struct Shape {
@@ -80,14 +93,7 @@ torch::Tensor decode(torch::Tensor h, const torch::Tensor& pos, const std::vecto
     for (int64_t b = 0; b < n; ++b) rms_norm(hp + b * D, ptr<T>(w[5]), xp + b * D, D, eps);
     auto gu = linear(x, {w[6], w[7]}, 2 * s.I);  // [n, 2 I]: gate | up
     T* g = ptr<T>(gu);
-    for (int64_t b = 0; b < n; ++b)  // silu(gate) rounded, times up, rounded
-      for (int64_t i = 0; i < s.I; i += 16) {
-        const __mmask16 m = tail_mask(s.I - i);
-        const __m512 gate = load16(g + b * 2 * s.I + i, m), up = load16(g + b * 2 * s.I + s.I + i, m);
-        const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gate));  // exp(-gate)
-        const __m512 silu = _mm512_div_ps(gate, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-        store16(actp + b * s.I + i, _mm512_mul_ps(round16(silu, T()), up), m);
-      }
+    for (int64_t b = 0; b < n; ++b) silu_mul_row(g + b * 2 * s.I, actp + b * s.I, s.I);
     auto d = linear(act, {w[8], w[9]}, D);
     T* dp = ptr<T>(d);
     for (int64_t i = 0; i < n * D; ++i) hp[i] = from_f<T>(to_f(hp[i]) + to_f(dp[i]));
@@ -97,6 +103,24 @@ torch::Tensor decode(torch::Tensor h, const torch::Tensor& pos, const std::vecto
 }
 
 }  // namespace
+
+torch::Tensor silu_mul(const torch::Tensor& gu) {
+  TORCH_CHECK(gu.is_contiguous() && gu.size(-1) % 2 == 0, "silu_mul: a contiguous [..., 2 I] (gate | up)");
+  const int64_t I = gu.size(-1) / 2, rows = gu.numel() / (2 * I);
+  auto sizes = gu.sizes().vec();
+  sizes.back() = I;
+  auto out = torch::empty(sizes, gu.options());
+  auto run = [&](auto* g, auto* o) {
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) silu_mul_row(g + r * 2 * I, o + r * I, I);
+    });
+  };
+  if (gu.scalar_type() == torch::kBFloat16)
+    run(ptr<bf16>(gu), ptr<bf16>(out));
+  else
+    run(ptr<float>(gu), ptr<float>(out));
+  return out;
+}
 
 torch::Tensor decode_step(const torch::Tensor& h, const torch::Tensor& pos, const std::vector<torch::Tensor>& layers,
                           const torch::Tensor& norm, const torch::Tensor& lm_head, const torch::Tensor& lm_head_scale,

@@ -10,9 +10,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_amx", [](bool on) { smolvlm::amx_enabled = on; },
         "bf16 matmuls on AMX tiles (only where the CPU has them and the process may use them)");
   m.def("add_layer_norm", &smolvlm::add_layer_norm, "(x + y, LayerNorm(x + y)): a residual add and the next norm");
+  m.def("gelu_tanh_", &smolvlm::gelu_tanh_, "y = GELU(y), tanh approximation, in place");
   m.def("vision_attention", &smolvlm::vision_attention, "bidirectional attention [B, L, H * Dh] (the vision tower's)");
   m.def("cached_attention", &smolvlm::cached_attention,
         "causal attention of q [B, H, T, Dh] over the cache rows' keys 0..pos[b, t] (the prefill's)");
+  m.def("silu_mul", &smolvlm::silu_mul, "silu(gate) * up of [..., 2 I] = [gate | up] (the decode step's)");
   m.def("decode_step", &smolvlm::decode_step, "logits [n, V] of one decode step (see decode)");
 }
 
