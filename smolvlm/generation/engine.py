@@ -273,35 +273,23 @@ class Engine:
             return []
         chunks = list(zip(prefilling, ends))
         features = chunk_features(self.model, cached, chunks)  # [image tokens of the chunks, D]
-        k, begins = len(chunks), [r.length for r, _ in chunks]
-        t = max(end - begin for begin, end in zip(begins, ends))
-        ids = torch.full((k, t), self.processor.pad_token_id, dtype=torch.long)
-        for i, (r, end) in enumerate(chunks):  # right padding: the chunk at positions begin..end-1
-            ids[i, : end - begins[i]] = r.prompt.input_ids[begins[i] : end]
-        ids = ids.to(self.device)
-        embeds = self.model.embed(ids, features)  # [k, T, D]
-        steps = torch.arange(t, device=self.device)
-        # [k, T]: padding goes on past the row's end, kept inside the cache (its keys are never attended)
-        positions = (torch.tensor(begins, device=self.device)[:, None] + steps).clamp(max=self.max_len - 1)
-        text = self.model.model.text_model
-        if text.use_kernels and self.cache.k.dtype == torch.float32:
-            # causal over cache positions (no mask): the C++ kernels attend each row's own keys 0..position only, so
-            # its padding and the other rows change nothing (batch invariance)
-            mask = None
-        else:  # torch's attention reads keys 0..max(ends)-1 under this mask
-            same = len(set(begins)) == 1  # then one mask serves every row
-            mask = torch.arange(max(ends), device=self.device) <= (positions[:1] if same else positions)[:, None, :, None]
-        hidden = text(
-            embeds, positions, attn_mask=mask, cache=self.cache.rows(start), cache_positions=positions
-        )  # [k, T, D]; mask [k or 1, 1, T, max(ends)]
+        begins = [r.length for r, _ in chunks]
+        last = []  # [D] hidden states of the last prompt token of each request completed now
+        for run in self.scheduler.padding_runs([end - begin for begin, end in zip(begins, ends)]):
+            rows = chunks[run.start : run.stop]
+            images = sum(r.image_tokens(r.length, end) for r, end in rows)
+            hidden = self._prefill_rows(start + run.start, rows, features[:images] if images else None)  # [k, T, D]
+            features = features[images:] if images else features
+            for i, (r, end) in zip(run, rows):
+                if end == len(r.prompt):  # complete: its last token's hidden state gives its first answer token
+                    last.append(hidden[i - run.start, end - 1 - begins[i]])
         for r, end in chunks:
             r.length = end
         done = [r for r, end in chunks if end == len(r.prompt)]  # the first ones (scheduler.plan)
         if not done:
             return []
         m = len(done)
-        last = torch.tensor([len(r.prompt) - 1 - b for r, b in zip(done, begins)], device=self.device)
-        hidden = hidden[torch.arange(m, device=self.device), last]  # [m, D]: each prompt's last token
+        hidden = torch.stack(last)  # [m, D]
         for r in done:
             r.decoding, r.features = True, []
             r.prompt = Prompt(r.prompt.input_ids)  # its features are in the cache now: don't hold the pixels
@@ -317,6 +305,30 @@ class Engine:
         self.pos[start : start + m] = torch.tensor([r.length for r in done], device=self.device)
         self.decoding += m
         return self._emit(done, tokens)
+
+    def _prefill_rows(self, row: int, chunks: list, features: torch.Tensor | None) -> torch.Tensor:
+        """Run chunks ((request, end): prompt positions request.length..end-1, right-padded to the longest) through
+        the text model into cache rows row.. (`features`: their image tokens') -> hidden states [k, T, D]."""
+        k, begins = len(chunks), [r.length for r, _ in chunks]
+        t = max(end - begin for begin, (_, end) in zip(begins, chunks))
+        ids = torch.full((k, t), self.processor.pad_token_id, dtype=torch.long)
+        for i, (r, end) in enumerate(chunks):  # right padding: the chunk at positions begin..end-1
+            ids[i, : end - begins[i]] = r.prompt.input_ids[begins[i] : end]
+        ids = ids.to(self.device)
+        embeds = self.model.embed(ids, features)  # [k, T, D]
+        steps = torch.arange(t, device=self.device)
+        # [k, T]: padding goes on past the row's end, kept inside the cache (its keys are never attended)
+        positions = (torch.tensor(begins, device=self.device)[:, None] + steps).clamp(max=self.max_len - 1)
+        text = self.model.model.text_model
+        if text.use_kernels and self.cache.k.dtype == torch.float32:
+            # causal over cache positions (no mask): the C++ kernels attend each row's own keys 0..position only, so
+            # its padding and the other rows change nothing (batch invariance)
+            mask = None
+        else:  # torch's attention reads keys 0..max(ends)-1 under this mask
+            same = len(set(begins)) == 1  # then one mask serves every row
+            keys = torch.arange(max(end for _, end in chunks), device=self.device)
+            mask = keys <= (positions[:1] if same else positions)[:, None, :, None]  # [k or 1, 1, T, max(ends)]
+        return text(embeds, positions, attn_mask=mask, cache=self.cache.rows(row), cache_positions=positions)
 
     def _emit(self, requests: list[Request], tokens: torch.Tensor) -> list[StepOutput]:
         """Book the sampled tokens (the step's one host sync), detokenize, check the stop conditions."""

@@ -8,6 +8,8 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 
 import pyarrow.parquet as pq
@@ -173,3 +175,12 @@ def test_a_batch_jobs_engine_prefills_whole_prompts_with_the_same_tokens(tiny_v2
     expected = [r.token_ids for r in interactive.generate(convs, params)]
     assert [r.token_ids for r in batch.generate(convs, params)] == expected
     assert sliced["interactive"] > 0 and sliced["batch"] == 0
+
+
+def test_preparation_workers_yield_the_cores_to_the_engine():
+    """A worker runs at a lower priority (nice +10) than the engine's process it feeds."""
+    code = ("import os; from smolvlm.batch.runner import _start_worker; from smolvlm.serving.limits import Limits; "
+            "before = os.nice(0); _start_worker(None, Limits(), 2048, {}); print(os.nice(0) - before)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "10"

@@ -47,6 +47,21 @@ def test_batch_matches_reference_left_padded_batch_and_single_runs(family, reque
     assert len({tuple(t) for t in batch}) == 3
 
 
+@pytest.mark.parametrize("fixture", ["v2", "v2_bf16"])
+def test_prompts_of_very_different_lengths_are_prefilled_apart_with_the_same_tokens(fixture, request):
+    """Whole prompts prefilled together (a batch job's engine) are right-padded to the longest only while that adds
+    little: a 10-image prompt between two short ones runs in its own pass; every row's tokens are its tokens alone."""
+    tiny = request.getfixturevalue(fixture)
+    prompts = [tiny.prompt("Hi"), tiny.prompt("Describe all of them.", n_images=10, seed=9), tiny.prompt("Ok?")]
+    engine = tiny.engine(prefill_chunk=None)
+    passes = []
+    run_rows = engine._prefill_rows
+    engine._prefill_rows = lambda row, chunks, features: passes.append(len(chunks)) or run_rows(row, chunks, features)
+    batch = tokens(engine, prompts)
+    assert passes == [1, 1, 1]
+    assert batch == [tokens(tiny.engine(prefill_chunk=None), [p])[0] for p in prompts]
+
+
 def test_cached_decoding_gives_full_recomputation_logits_through_joins_and_leaves(v2):
     """Requests join mid-flight, wait for a slot, leave early (compaction): every step's logits of every request
     equal a full forward pass over its prompt + output so far, and its tokens equal generating it alone."""
