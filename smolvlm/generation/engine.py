@@ -17,11 +17,11 @@ Life of a request. `add_request` prepares the inputs (chat template, images), ha
 free slots, copying the longest cached prefix of each into its row, (4) prefills: with nothing decoding, the whole
 prompts at once, else chunks under the scheduler's budget (prompt tokens, and vision layers of the next frames
 needed, a tile's pass carried over steps). A prefill writes prompt positions start..end-1 of each row, attending the
-row's keys 0..end-1 (right-padded chunks under a mask); the frames a chunk shows are taken from the feature cache or
-encoded as one batch (each distinct frame once). A request whose prompt is complete samples its first token and
-becomes a decoding row; its prompt blocks go to the prefix cache. A request that finishes stores its prompt + answer
-blocks and leaves at once; rows are moved so decoding rows stay 0..d-1 and prefilling ones d..n-1, and the cache
-views are free slices.
+row's keys 0..end-1 (right-padded chunks under a mask, in runs of rows that pad little: Scheduler.padding_runs); the
+frames a chunk shows are taken from the feature cache or encoded as one batch (each distinct frame once). A request
+whose prompt is complete samples its first token and becomes a decoding row; its prompt blocks go to the prefix
+cache. A request that finishes stores its prompt + answer blocks and leaves at once; rows are moved so decoding rows
+stay 0..d-1 and prefilling ones d..n-1, and the cache views are free slices.
 
 Syncs. Inputs of the next step (last tokens, positions) stay on the device; the one host sync per forward is reading
 the sampled tokens, which the detokenizer and the stop checks need anyway. Hashing and cache copies happen at

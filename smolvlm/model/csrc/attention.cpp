@@ -27,36 +27,28 @@ inline void partials(const float* qt, const float* k, int64_t Dh, int64_t l, __m
   }
 }
 
-// sum16's tree over the partials, built in the order that keeps few of them live: h_l = P_{l+8} + P_l,
-// q_i = h_{i+4} + h_i, then (q_0 + q_2) + (q_1 + q_3).
-template <int NK>
-inline void half_sums(const float* qt, const float* k, int64_t Dh, int64_t l, __m512* h) {
-  __m512 a[NK], b[NK];
-  partials<NK>(qt, k, Dh, l + 8, a);
-  partials<NK>(qt, k, Dh, l, b);
-  for (int n = 0; n < NK; ++n) h[n] = _mm512_add_ps(a[n], b[n]);
-}
-
-template <int NK>
-inline void quarter_sums(const float* qt, const float* k, int64_t Dh, int64_t i, __m512* q) {
-  __m512 a[NK], b[NK];
-  half_sums<NK>(qt, k, Dh, i + 4, a);
-  half_sums<NK>(qt, k, Dh, i, b);
-  for (int n = 0; n < NK; ++n) q[n] = _mm512_add_ps(a[n], b[n]);
+// sum16's tree over the partials, for NK keys: sums<NK, 1>(0) is the whole sum, sums<NK, 16>(l) partial l, and
+// sums<NK, S>(l) = sums<2S>(l + S) + sums<2S>(l) the tree's nodes between (S = 8: P_{l+8} + P_l, the 256-bit halves
+// added; S = 4: quarters; S = 2, 1: the last pairs). Each node is formed as its two halves are done, so that few
+// partials are live at a time.
+template <int NK, int S>
+inline void sums(const float* qt, const float* k, int64_t Dh, int64_t l, __m512* out) {
+  if constexpr (S == 16) {
+    partials<NK>(qt, k, Dh, l, out);
+  } else {
+    __m512 a[NK], b[NK];
+    sums<NK, 2 * S>(qt, k, Dh, l + S, a);
+    sums<NK, 2 * S>(qt, k, Dh, l, b);
+    for (int n = 0; n < NK; ++n) out[n] = _mm512_add_ps(a[n], b[n]);
+  }
 }
 
 // S[n][0:16] = (q . k_n) * scale for the 16 queries of qt and NK key rows k, as attend computes each.
 template <int NK>
 inline void scores(const float* qt, const float* k, int64_t Dh, float scale, float* S) {
-  __m512 q0[NK], q1[NK], q2[NK], q3[NK];
-  quarter_sums<NK>(qt, k, Dh, 0, q0);
-  quarter_sums<NK>(qt, k, Dh, 2, q2);
-  quarter_sums<NK>(qt, k, Dh, 1, q1);
-  quarter_sums<NK>(qt, k, Dh, 3, q3);
-  for (int n = 0; n < NK; ++n) {
-    const __m512 dot = _mm512_add_ps(_mm512_add_ps(q0[n], q2[n]), _mm512_add_ps(q1[n], q3[n]));
-    _mm512_storeu_ps(S + n * 16, _mm512_mul_ps(dot, _mm512_set1_ps(scale)));
-  }
+  __m512 dot[NK];
+  sums<NK, 1>(qt, k, Dh, 0, dot);
+  for (int n = 0; n < NK; ++n) _mm512_storeu_ps(S + n * 16, _mm512_mul_ps(dot[n], _mm512_set1_ps(scale)));
 }
 
 // Queries r = r0..r0+3 (those below n): dst row r [d0, d0 + 16 NV) = inv[r] * sum_j e[j][r] v_j over keys
