@@ -7,7 +7,8 @@
 // whatever the number of rows: used for every M where it runs (decoding's M = 1 too), so a row's result does not
 // depend on its batch or on whether it was prefilled or decoded.
 //
-// The attention (attention_amx) packs each head's keys and values into that layout once, then per 32 queries: scores
+// The attention (attention_amx) packs each head's keys and values into that layout once (vision.cpp's pack_keys,
+// pack_values), then per 32 queries: scores
 // on the tiles with the queries held in tiles, the softmax on AVX512 (exp2 by a polynomial: the probabilities are
 // rounded to bf16 next, as torch's flash attention rounds them), and probabilities times values on the tiles. 4
 // frames of 1024 patches, 12 heads of 64, 2 threads: 14.7 ms against torch's flash attention's 19.2.
@@ -103,35 +104,6 @@ void matmul_amx(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t N, b
 
 namespace {
 
-// One head's keys [L, Dh] (row stride ld) as the B operand of scores = q k^T: the packed weight layout with keys as the
-// rows, [Lp/16, Dh/2, 16, 2] (key j's dims 2p, 2p+1 are pair p of lane j % 16 in block j / 16); padded keys stay 0.
-void pack_keys(const bf16* k, int64_t ld, int64_t L, int64_t Dh, bf16* out) {
-  const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                          _mm512_set1_epi32(int32_t(ld / 2)));  // lane r: key r's offset in pairs
-  for (int64_t j0 = 0; j0 < L; j0 += 16) {
-    const __mmask16 m = tail_mask(L - j0);
-    uint32_t* dst = reinterpret_cast<uint32_t*>(out + j0 * Dh);
-    for (int64_t p = 0; p < Dh / 2; ++p)  // pair p of 16 keys: one gather
-      _mm512_storeu_si512(dst + p * 16,
-                          _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, rows, k + j0 * ld + 2 * p, 4));
-  }
-}
-
-// One head's values [L, Dh] as the B operand of out = p v: the packed layout of v^T, [Dh/16, Lp/2, 16, 2] (keys 2i,
-// 2i+1 of dim d are pair i of lane d % 16 in block d / 16); Lp = L padded to 32, the padded keys' pairs stay 0.
-void pack_values(const bf16* v, int64_t ld, int64_t L, int64_t Lp, int64_t Dh, bf16* out) {
-  alignas(64) static const int16_t lo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-                                             8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  const __m512i first = _mm512_load_si512(lo), second = _mm512_add_epi16(first, _mm512_set1_epi16(16));
-  for (int64_t j = 0; j < L; j += 2)
-    for (int64_t d = 0; d < Dh; d += 32) {  // dims d..d+31 of keys j, j+1 -> pair j / 2 of blocks d / 16, d / 16 + 1
-      const __m512i a = _mm512_loadu_si512(v + j * ld + d);
-      const __m512i b = j + 1 < L ? _mm512_loadu_si512(v + (j + 1) * ld + d) : _mm512_setzero_si512();
-      _mm512_storeu_si512(out + (d / 16) * 16 * Lp + j * 16, _mm512_permutex2var_epi16(a, first, b));
-      _mm512_storeu_si512(out + (d / 16 + 1) * 16 * Lp + j * 16, _mm512_permutex2var_epi16(a, second, b));
-    }
-}
-
 // 2^t for t <= 0: 2^round(t) times a degree-5 polynomial on [-1/2, 1/2] (relative error ~2e-6, far below the bf16
 // rounding the probabilities get next); very negative t gives 0.
 inline __m512 exp2_ps(__m512 t) {
@@ -187,13 +159,12 @@ float masked_max(const float* s, int64_t L, float scale, const float* mask) {
 
 constexpr int64_t ROWS = 32;  // queries per block: 2 tiles of rows
 
-// scores [32, Lp] (row stride lds) = 32 queries (row stride ldq) times the packed keys, KS = Dh / 32 (1 or 2): the
+// scores [32, L] (row stride lds) = 32 queries (row stride ldq) times the packed keys, KS = Dh / 32 (1 or 2): the
 // queries stay in tiles 2-5 (row tile r, dims 32 s.. in tile 2 + 2 r + s) while the keys stream through tiles 6-7,
 // 16 keys at a time into tiles 0-1. top[r]: lane-wise maxima of row r's scores over the L real keys, taken while
 // each 16 keys' scores are still in L1.
 template <int KS>
-void score_rows(const bf16* q, int64_t ldq, const bf16* keys, int64_t L, int64_t Lp, float* scores, int64_t lds,
-                __m512* top) {
+void score_rows(const bf16* q, int64_t ldq, const bf16* keys, int64_t L, float* scores, int64_t lds, __m512* top) {
   constexpr int64_t Dh = 32 * KS;
   _tile_loadd(2, q, ldq * 2);
   _tile_loadd(4, q + 16 * ldq, ldq * 2);
@@ -201,7 +172,7 @@ void score_rows(const bf16* q, int64_t ldq, const bf16* keys, int64_t L, int64_t
     _tile_loadd(3, q + 32, ldq * 2);
     _tile_loadd(5, q + 16 * ldq + 32, ldq * 2);
   }
-  for (int64_t j = 0; j < Lp; j += 16) {
+  for (int64_t j = 0; j < L; j += 16) {  // the keys past L (padding) are never read
     const bf16* kj = keys + j * Dh;
     _tile_zero(0);
     _tile_zero(1);
@@ -215,8 +186,7 @@ void score_rows(const bf16* q, int64_t ldq, const bf16* keys, int64_t L, int64_t
     }
     _tile_stored(0, scores + j, lds * 4);
     _tile_stored(1, scores + 16 * lds + j, lds * 4);
-    if (j >= L) continue;  // padding keys (zero): no maxima
-    const __mmask16 m = tail_mask(L - j);
+    const __mmask16 m = tail_mask(L - j);  // not the padding keys' scores
     for (int r = 0; r < 32; ++r) top[r] = _mm512_mask_max_ps(top[r], m, top[r], _mm512_loadu_ps(scores + r * lds + j));
   }
 }
@@ -247,9 +217,9 @@ void attention_amx(const bf16* q, const bf16* k, const bf16* v, const float* mas
           qb = tail.data(), ldq = Dh;
         }
         for (int r = 0; r < ROWS; ++r) top[r] = _mm512_set1_ps(-INFINITY);
-        // scores [ROWS, Lp] = q k^T, and their row maxima (the padded keys' scores left out)
-        Dh == 64 ? score_rows<2>(qb, ldq, keys.data(), L, Lp, scores.data(), lds, top)
-                 : score_rows<1>(qb, ldq, keys.data(), L, Lp, scores.data(), lds, top);
+        // scores [ROWS, L] = q k^T, and their row maxima
+        Dh == 64 ? score_rows<2>(qb, ldq, keys.data(), L, scores.data(), lds, top)
+                 : score_rows<1>(qb, ldq, keys.data(), L, scores.data(), lds, top);
         for (int64_t r = 0; r < rows; ++r) {
           const float* sr = scores.data() + r * lds;
           inv[r] = mask ? softmax_bf16<true>(sr, L, scale, mask + b * L, masked_max(sr, L, scale, mask + b * L),

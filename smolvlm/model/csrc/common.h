@@ -246,6 +246,10 @@ void matmul_serial(const T* x, int64_t ldx, int64_t M, int64_t K, const T* w, in
 // bf16 matmul while amx_enabled (set from Python where the CPU has AMX and the OS lets this process use it).
 extern bool amx_enabled;
 void matmul_amx(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t N, bf16* y);
+// vision.cpp: one head's keys and values [L, Dh] (row stride ld) packed as weights for scores and for probabilities
+// times values (Lp: L padded; the padding left as the caller zeroed it).
+void pack_keys(const bf16* k, int64_t ld, int64_t L, int64_t Dh, bf16* out);
+void pack_values(const bf16* v, int64_t ld, int64_t L, int64_t Lp, int64_t Dh, bf16* out);
 // amx.cpp: the vision tower's bidirectional attention (vision.cpp's, same arguments) on AMX tiles, Dh % 32 == 0;
 // vision_attention runs it for bf16 while amx_enabled.
 void attention_amx(const bf16* q, const bf16* k, const bf16* v, const float* mask, bf16* out, int64_t B, int64_t L,

@@ -4,19 +4,38 @@
 #include "common.h"
 
 namespace smolvlm {
-namespace {
-
-// Key/value blocks of one head in the layouts `tile` reads as weights. K [L, Dh] (row stride ld) -> "rows" = keys,
-// reduction over Dh; V [L, Dh] -> V^T: "rows" = head dims, reduction over keys (Lp = L padded to 16, zeros).
+// Key/value blocks of one head in the layouts the packed matmuls read as weights (`tile`, and AMX's B operand in
+// amx.cpp). K [L, Dh] (row stride ld) -> "rows" = keys, reduction over Dh; V [L, Dh] -> V^T: "rows" = head dims,
+// reduction over keys (Lp = L padded to 16 or more; the padding stays as the caller zeroed it).
 void pack_keys(const bf16* k, int64_t ld, int64_t L, int64_t Dh, bf16* out) {
-  for (int64_t j = 0; j < L; ++j) {  // key j's (d, d+1) pairs go to lane j % 16 of its block
-    const uint32_t* src = reinterpret_cast<const uint32_t*>(k + j * ld);
-    uint32_t* dst = reinterpret_cast<uint32_t*>(out + (j / 16) * 16 * Dh) + j % 16;
-    for (int64_t p = 0; p < Dh / 2; ++p) dst[p * 16] = src[p];
+  // [Lp/16, Dh/2, 16, 2]: key j's dims 2p, 2p+1 are pair p of lane j % 16 in block j / 16; one gather per pair p of
+  // 16 keys
+  const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(int32_t(ld / 2)));  // lane r: key r's offset in pairs
+  for (int64_t j0 = 0; j0 < L; j0 += 16) {
+    const __mmask16 m = tail_mask(L - j0);
+    uint32_t* dst = reinterpret_cast<uint32_t*>(out + j0 * Dh);
+    for (int64_t p = 0; p < Dh / 2; ++p)
+      _mm512_mask_storeu_epi32(dst + p * 16, m,
+                               _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, rows, k + j0 * ld + 2 * p, 4));
   }
 }
 void pack_values(const bf16* v, int64_t ld, int64_t L, int64_t Lp, int64_t Dh, bf16* out) {
-  for (int64_t j = 0; j < L; ++j) {  // value j's dim d goes to lane d % 16, slot j % 2, of pair j / 2 in block d / 16
+  // [Dh/16, Lp/2, 16, 2]: keys 2i, 2i+1 of dim d are pair i of lane d % 16 in block d / 16
+  if (Dh % 32 == 0) {  // dims d..d+31 of keys j, j+1 interleaved: pair j / 2 of blocks d / 16 and d / 16 + 1
+    alignas(64) static const int16_t lo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                               8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+    const __m512i first = _mm512_load_si512(lo), second = _mm512_add_epi16(first, _mm512_set1_epi16(16));
+    for (int64_t j = 0; j < L; j += 2)
+      for (int64_t d = 0; d < Dh; d += 32) {
+        const __m512i a = _mm512_loadu_si512(v + j * ld + d);
+        const __m512i b = j + 1 < L ? _mm512_loadu_si512(v + (j + 1) * ld + d) : _mm512_setzero_si512();
+        _mm512_storeu_si512(out + (d / 16) * 16 * Lp + j * 16, _mm512_permutex2var_epi16(a, first, b));
+        _mm512_storeu_si512(out + (d / 16 + 1) * 16 * Lp + j * 16, _mm512_permutex2var_epi16(a, second, b));
+      }
+    return;
+  }
+  for (int64_t j = 0; j < L; ++j) {
     bf16* dst = out + (j / 2) * 32 + j % 2;
     for (int64_t d = 0; d < Dh; ++d) dst[(d / 16) * 16 * Lp + (d % 16) * 2] = v[j * ld + d];
   }
@@ -33,6 +52,8 @@ void pack_values(const float* v, int64_t ld, int64_t L, int64_t Lp, int64_t Dh, 
     for (int64_t d = 0; d < Dh; ++d) dst[(d / 16) * 16 * Lp + d % 16] = v[j * ld + d];
   }
 }
+
+namespace {
 
 constexpr int64_t Q_BLOCK = 64;  // query rows per softmax block (their scores stay in L2)
 
